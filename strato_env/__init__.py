@@ -1,0 +1,16 @@
+"""STRATO-PEFT's environment: LoRA rank allocation as a Gymnasium env.
+
+`import strato_env` registers `strato_env/RankAllocation-v0`.
+"""
+
+from gymnasium.envs.registration import register
+
+from strato_env.config import EnvConfig, TaskConfig
+
+register(
+    id="strato_env/RankAllocation-v0",
+    entry_point="strato_env.env:RankAllocationEnv",
+    max_episode_steps=256,  # a safety net; the env truncates itself after `decisions` steps
+)
+
+__all__ = ["EnvConfig", "TaskConfig"]

@@ -1,0 +1,414 @@
+"""RankAllocationEnv: one LoRA fine-tuning run as an episode, with the agent as the rank scheduler."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+
+from strato_env.adapters import DynamicLora
+from strato_env.config import EnvConfig
+from strato_env.costs import allocation_cost, cheapest_nonempty
+from strato_env.importance import WeightGradients, normalized, probe_importance
+from strato_env.instance import fresh_model, get_instance
+from strato_env.models import MODULE_KINDS
+
+SHRINK, KEEP, GROW = 0, 1, 2
+MAX_DECISIONS = 256
+MODULE_FEATURES = 5 + len(MODULE_KINDS)
+GLOBAL_FEATURES = 4
+LOSS_RATIO_MAX = 10.0
+
+# Results that depend only on the instance and the training protocol, shared by every env of a process.
+_PROBE_CACHE: dict[str, np.ndarray] = {}
+_ORACLE_CACHE: dict[str, float] = {}
+
+
+class RankAllocationEnv(gym.Env):
+    """
+    ## Description
+
+    One episode is one LoRA fine-tuning run of one instance (a base model and a task). The agent is the
+    rank scheduler: before every block of `inner_steps` AdamW steps it may shrink, keep or grow the LoRA rank
+    of each target module by one step on a rank ladder (default `0, 1, 2, 4, 8, 16`; rank 0 = not adapted),
+    under a budget `B` of trainable parameters. Growing keeps the model's function (new directions start at
+    zero output); shrinking keeps the truncated SVD of the module's update `B @ A`; Adam moments follow.
+
+    ## Action Space
+
+    `MultiDiscrete([3] * max_modules)`: per module slot `0` shrink, `1` keep, `2` grow. `action_masks()`
+    gives the flat boolean mask (length `3 * max_modules`) that sb3-contrib's MaskablePPO reads: no rank off
+    the ladder, no grow that alone would break the budget, padding slots may only keep. Unmasked agents may
+    send anything: a move off the ladder is ignored; shrinks apply first, then grows in a random order
+    (from the env's seed), each skipped if it would break the budget. The allocation never exceeds `B`.
+
+    ## Observation Space
+
+    `Dict(modules=Box(max_modules, 10), global=Box(4))`, scale-free so one policy fits any model.
+
+    | modules[:, i] | meaning                                                   | bounds  |
+    |---------------|-----------------------------------------------------------|---------|
+    | 0             | importance: smoothed norm of dL/dW, divided by the max    | [0, 1]  |
+    | 1             | rank / r_max                                              | [0, 1]  |
+    | 2             | parameters per unit of rank / B                           | [0, 1]  |
+    | 3             | relative depth (layer / (layers - 1))                     | [0, 1]  |
+    | 4-8           | kind one-hot: attention in, attention out, MLP in, MLP out, other | {0, 1} |
+    | 9             | present flag (0 for padding slots, whose features are all 0) | {0, 1} |
+
+    | global[i] | meaning                                 | bounds    |
+    |-----------|-----------------------------------------|-----------|
+    | 0         | budget used, P_t / B                    | [0, 1]    |
+    | 1         | decisions left / decisions              | [0, 1]    |
+    | 2         | L_t / L_0 (clipped)                     | [0, 10]   |
+    | 3         | last loss gain (L_{t-1} - L_t) / L_0    | [-10, 1]  |
+
+    ## Rewards
+
+    `r_t = (L_{t-1} - L_t) / L_0 - cost_weight * P_t / B`, where `L` is the loss on the task's fixed
+    evaluation set, `P_t` the trainable parameters after decision `t` and `B` the budget. Over an episode the
+    first term sums to the relative loss reduction. On divergence the reward is `-divergence_penalty`.
+
+    ## Starting State
+
+    Every module at `initial_rank` (default 0), A drawn from the episode's seed, B = 0, a fresh optimizer,
+    and a data order drawn from the seed. `reset(options={"allocation": {module: rank}})` starts from a given
+    allocation instead (on the ladder, within budget).
+
+    ## Episode End
+
+    - Termination: the evaluation loss becomes NaN or inf (training diverged).
+    - Truncation: after `decisions` decisions.
+
+    ## Arguments
+
+    | argument        | default      | meaning                                                         |
+    |-----------------|--------------|-----------------------------------------------------------------|
+    | model           | "gpt2-tiny"  | tiny preset, hub id or local directory                          |
+    | task            | planted      | `TaskConfig` or dict: planted, causal_lm or classification        |
+    | rank_ladder     | 0,1,2,4,8,16 | allowed ranks                                                   |
+    | budget          | None         | B in parameters; None: the oracle's count (planted) or uniform rank 4 |
+    | cost_weight     | 0.01         | lambda of the reward                                            |
+    | decisions       | 8            | decisions per episode                                           |
+    | inner_steps     | 10           | optimizer steps per decision                                    |
+    | ...             |              | every other field of `strato_env.config.EnvConfig`              |
+
+    `info` holds `loss`, `initial_loss`, `params`, `budget`, `flops_per_token`, `adapter_bytes`,
+    `allocation` (module -> rank), `optimizer_steps`, `diverged`, and on planted instances
+    `oracle_allocation` and `oracle_loss` (the loss the oracle allocation reaches when kept for the whole
+    episode from seed 0, computed once per instance).
+
+    ## Version History
+
+    - v0: initial version.
+
+    ## Example
+
+    >>> import gymnasium as gym, strato_env
+    >>> env = gym.make("strato_env/RankAllocation-v0", decisions=2, inner_steps=1)
+    >>> observation, info = env.reset(seed=0)
+    >>> observation["modules"].shape, info["params"]
+    ((64, 10), 0)
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, config: EnvConfig | None = None, **kwargs: Any) -> None:
+        if config is not None and kwargs:
+            raise ValueError("pass either config or keyword arguments, not both")
+        self.config = config if config is not None else EnvConfig(**kwargs)
+        if self.config.decisions > MAX_DECISIONS:
+            raise ValueError(f"decisions={self.config.decisions} is invalid: at most {MAX_DECISIONS}")
+        self.instance = get_instance(self.config)
+        self.modules = self.instance.modules
+        self.data = self.instance.data
+        self.ladder = self.config.rank_ladder
+        self._validate_instance()
+
+        self.lora = DynamicLora(
+            fresh_model(self.instance), self.modules, self.config.learning_rate, self.config.weight_decay,
+            self.data.modules_to_save,
+        )
+        self.model = self.lora.peft_model
+        self.budget = self.config.budget if self.config.budget is not None else self._default_budget()
+        self._check_budget()
+        self._base_weights = [self.model.base_model.model.get_submodule(m.name).base_layer.weight
+                              for m in self.modules]
+        self._static_features = self._module_features()
+
+        n = self.config.max_modules
+        self.action_space = spaces.MultiDiscrete([3] * n)
+        self.observation_space = spaces.Dict({
+            "modules": spaces.Box(0.0, 1.0, (n, MODULE_FEATURES), np.float32),
+            "global": spaces.Box(np.array([0, 0, 0, -LOSS_RATIO_MAX], np.float32),
+                                 np.array([1, 1, LOSS_RATIO_MAX, 1], np.float32), dtype=np.float32),
+        })
+        self._episode: dict[str, Any] | None = None
+        self._probe = self._cached_probe()
+        self.oracle_loss = self._cached_oracle_loss()
+
+    # ---- validation and instance-level caches -------------------------------------------------------------
+    def _validate_instance(self) -> None:
+        task = self.config.task
+        if task.name == "planted" and task.planted_rank not in self.ladder:
+            raise ValueError(f"task.planted_rank={task.planted_rank} is not on rank_ladder {list(self.ladder)}")
+
+    def _default_budget(self) -> int:
+        ranks = self.data.oracle_ranks or {m.name: min(4, self.ladder[-1]) for m in self.modules}
+        return allocation_cost(self.modules, ranks).params + self.lora.extra_params
+
+    def _check_budget(self) -> None:
+        cheapest = cheapest_nonempty(self.modules, self.ladder) + self.lora.extra_params
+        if self.budget < cheapest:
+            raise ValueError(
+                f"budget={self.budget} is smaller than the cheapest non-empty allocation ({cheapest} parameters: "
+                f"rank {self.ladder[1]} on the smallest module); allowed: budget >= {cheapest}"
+            )
+        initial = self.params_of({m.name: self.config.initial_rank for m in self.modules})
+        if initial > self.budget:
+            raise ValueError(f"initial_rank={self.config.initial_rank} on every module needs {initial} parameters, "
+                             f"over budget={self.budget}")
+
+    def _protocol_key(self) -> str:
+        c = self.config
+        return f"{self.instance.key}|{c.rank_ladder}|{c.decisions}|{c.inner_steps}|{c.batch_size}|" \
+               f"{c.learning_rate}|{c.weight_decay}"
+
+    def _cached_probe(self) -> np.ndarray:
+        key = f"{self.instance.key}|{self.config.batch_size}"
+        if key not in _PROBE_CACHE:
+            self.lora.reinitialize({})
+            batch = {k: v[: self.config.batch_size] for k, v in self.data.train.items()}
+            _PROBE_CACHE[key] = probe_importance(self.model, self._base_weights, self.data.loss, batch)
+        return _PROBE_CACHE[key]
+
+    def _cached_oracle_loss(self) -> float | None:
+        if self.data.oracle_ranks is None:
+            return None
+        key = self._protocol_key()
+        if key not in _ORACLE_CACHE:
+            _ORACLE_CACHE[key] = self.evaluate_allocation(self.data.oracle_ranks, seed=0)
+        return _ORACLE_CACHE[key]
+
+    # ---- costs and features -------------------------------------------------------------------------------
+    def params_of(self, allocation: dict[str, int]) -> int:
+        return allocation_cost(self.modules, allocation).params + self.lora.extra_params
+
+    def _module_features(self) -> np.ndarray:
+        features = np.zeros((self.config.max_modules, MODULE_FEATURES), np.float32)
+        for i, m in enumerate(self.modules):
+            features[i, 2] = min(m.params_per_rank / self.budget, 1.0)
+            features[i, 3] = m.depth
+            features[i, 4 + MODULE_KINDS.index(m.kind)] = 1.0
+            features[i, 9] = 1.0
+        return features
+
+    # ---- episode ------------------------------------------------------------------------------------------
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        allocation = {m.name: self.config.initial_rank for m in self.modules}
+        if options and "allocation" in options:
+            allocation = self._checked_allocation(options["allocation"])
+        self._start_episode(allocation)
+        return self._observation(), self._info()
+
+    def _checked_allocation(self, allocation: dict[str, int]) -> dict[str, int]:
+        names = {m.name for m in self.modules}
+        for name, rank in allocation.items():
+            if name not in names:
+                raise ValueError(f"allocation names unknown module {name!r}")
+            if rank not in self.ladder:
+                raise ValueError(f"allocation[{name!r}]={rank} is not on rank_ladder {list(self.ladder)}")
+        full = {m.name: int(allocation.get(m.name, 0)) for m in self.modules}
+        if self.params_of(full) > self.budget:
+            raise ValueError(f"allocation needs {self.params_of(full)} parameters, over budget={self.budget}")
+        return full
+
+    def _start_episode(self, allocation: dict[str, int]) -> None:
+        rng = self.np_random
+        self._generator = torch.Generator(device=self.config.device).manual_seed(int(rng.integers(2**62)))
+        self.lora.reinitialize(allocation, self._generator)
+        total = self.config.decisions * self.config.inner_steps * self.config.batch_size
+        n = self.data.train_size
+        order = np.concatenate([rng.permutation(n) for _ in range(math.ceil(total / n))])[:total]
+        initial_loss = self.evaluate_loss()
+        self._episode = {
+            "decision": 0,
+            "optimizer_steps": 0,
+            "order": order,
+            "initial_loss": initial_loss,
+            "loss": initial_loss,
+            "last_gain": 0.0,
+            "importance": self._probe.copy(),
+            "diverged": False,
+        }
+
+    @torch.no_grad()
+    def evaluate_loss(self) -> float:
+        """Loss of the current model on the task's fixed evaluation set (batched like training)."""
+        size = len(next(iter(self.data.eval.values())))
+        total = 0.0
+        for start in range(0, size, self.config.batch_size):
+            batch = {k: v[start:start + self.config.batch_size] for k, v in self.data.eval.items()}
+            total += self.data.loss(self.model, batch) * len(batch["input_ids"])
+        return float(total / size)
+
+    def _apply(self, action: np.ndarray) -> None:
+        ranks = self.lora.ranks
+        index = {name: self.ladder.index(r) for name, r in ranks.items()}
+        moves = np.asarray(action).reshape(-1)[: len(self.modules)]
+        for m, move in zip(self.modules, moves, strict=True):
+            if move == SHRINK and index[m.name] > 0:
+                index[m.name] -= 1
+        params = self.params_of({name: self.ladder[i] for name, i in index.items()})
+        for slot in self.np_random.permutation(len(self.modules)):
+            m = self.modules[slot]
+            if moves[slot] == GROW and index[m.name] + 1 < len(self.ladder):
+                extra = (self.ladder[index[m.name] + 1] - self.ladder[index[m.name]]) * m.params_per_rank
+                if params + extra <= self.budget:
+                    index[m.name] += 1
+                    params += extra
+        self.lora.set_ranks({name: self.ladder[i] for name, i in index.items()}, self._generator)
+
+    def _train(self, steps: int) -> None:
+        episode = self._episode
+        size = self.config.batch_size
+        for step in range(steps):
+            start = episode["optimizer_steps"] * size
+            rows = torch.as_tensor(episode["order"][start:start + size], device=self.config.device)
+            batch = {k: v[rows] for k, v in self.data.train.items()}
+            last = step == steps - 1
+            with WeightGradients(self._base_weights if last else []) as gradients:
+                loss = self.data.loss(self.model, batch)
+                if loss.requires_grad:  # an empty allocation has nothing to train
+                    loss.backward()
+                    self.lora.optimizer.step()
+                    self.lora.optimizer.zero_grad(set_to_none=True)
+                if last:
+                    smoothing = self.config.importance_smoothing
+                    episode["importance"] = smoothing * episode["importance"] + (1 - smoothing) * gradients.norms()
+            episode["optimizer_steps"] += 1
+
+    def step(self, action: np.ndarray):
+        if self._episode is None:
+            raise RuntimeError("call reset() before step()")
+        if self._episode["decision"] >= self.config.decisions or self._episode["diverged"]:
+            raise RuntimeError("the episode has ended; call reset()")
+        episode = self._episode
+        self._apply(action)
+        self._train(self.config.inner_steps)
+        episode["decision"] += 1
+        loss = self.evaluate_loss()
+        params = self.params_of(self.lora.ranks)
+        if math.isfinite(loss):
+            gain = (episode["loss"] - loss) / episode["initial_loss"]
+            reward = gain - self.config.cost_weight * params / self.budget
+            episode["loss"], episode["last_gain"] = loss, gain
+            terminated = False
+        else:
+            reward = -self.config.divergence_penalty
+            episode["diverged"] = terminated = True
+        truncated = not terminated and episode["decision"] >= self.config.decisions
+        info = self._info()
+        info["loss"] = loss
+        return self._observation(), float(reward), terminated, truncated, info
+
+    def evaluate_allocation(self, allocation: dict[str, int], seed: int = 0) -> float:
+        """Final loss of `allocation` kept fixed for a whole episode from `seed` (budget not enforced).
+
+        The env's current episode and random state are left as they were.
+        """
+        saved = (self.get_state() if self._episode is not None else None, self._np_random)
+        self._np_random, _ = gym.utils.seeding.np_random(seed)
+        self._start_episode({m.name: int(allocation.get(m.name, 0)) for m in self.modules})
+        self._train(self.config.decisions * self.config.inner_steps)
+        loss = self.evaluate_loss()
+        state, self._np_random = saved
+        if state is None:
+            self._episode = None
+        else:
+            self.set_state(state)
+        return loss
+
+    # ---- masks, observation, info -------------------------------------------------------------------------
+    def action_masks(self) -> np.ndarray:
+        mask = np.zeros((self.config.max_modules, 3), dtype=bool)
+        mask[:, KEEP] = True
+        ranks = self.lora.ranks
+        params = self.params_of(ranks)
+        for slot, m in enumerate(self.modules):
+            i = self.ladder.index(ranks[m.name])
+            mask[slot, SHRINK] = i > 0
+            if i + 1 < len(self.ladder):
+                mask[slot, GROW] = params + (self.ladder[i + 1] - self.ladder[i]) * m.params_per_rank <= self.budget
+        return mask.reshape(-1)
+
+    def _observation(self) -> dict[str, np.ndarray]:
+        episode = self._episode
+        modules = self._static_features.copy()
+        n = len(self.modules)
+        modules[:n, 0] = normalized(episode["importance"])
+        modules[:n, 1] = np.array(list(self.lora.ranks.values())) / self.ladder[-1]
+        ratio = episode["loss"] / episode["initial_loss"] if episode["initial_loss"] > 0 else 0.0
+        global_ = np.array([
+            min(self.params_of(self.lora.ranks) / self.budget, 1.0),
+            1 - episode["decision"] / self.config.decisions,
+            min(ratio, LOSS_RATIO_MAX),
+            np.clip(episode["last_gain"], -LOSS_RATIO_MAX, 1.0),
+        ], np.float32)
+        return {"modules": modules, "global": global_}
+
+    def _info(self) -> dict[str, Any]:
+        ranks = self.lora.ranks
+        cost = allocation_cost(self.modules, ranks)
+        info = {
+            "loss": self._episode["loss"],
+            "initial_loss": self._episode["initial_loss"],
+            "params": cost.params + self.lora.extra_params,
+            "budget": self.budget,
+            "flops_per_token": cost.flops_per_token,
+            "adapter_bytes": cost.adapter_bytes + 4 * self.lora.extra_params,
+            "allocation": ranks,
+            "optimizer_steps": self._episode["optimizer_steps"],
+            "diverged": self._episode["diverged"],
+        }
+        if self.data.oracle_ranks is not None:
+            info["oracle_allocation"] = dict(self.data.oracle_ranks)
+            info["oracle_loss"] = self.oracle_loss
+        return info
+
+    # ---- snapshots and export -----------------------------------------------------------------------------
+    def get_state(self) -> dict[str, Any]:
+        """Everything that determines the rest of the episode: adapters, optimizer, data position, RNGs."""
+        if self._episode is None:
+            raise RuntimeError("call reset() before get_state()")
+        episode = dict(self._episode)
+        episode["order"] = episode["order"].copy()
+        episode["importance"] = episode["importance"].copy()
+        return {
+            "episode": episode,
+            "lora": self.lora.snapshot(),
+            "np_random": self.np_random.bit_generator.state,
+            "generator": self._generator.get_state(),
+        }
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        episode = dict(state["episode"])
+        episode["order"] = episode["order"].copy()
+        episode["importance"] = episode["importance"].copy()
+        self._episode = episode
+        self.lora.restore(state["lora"])
+        self.np_random.bit_generator.state = state["np_random"]
+        self._generator = torch.Generator(device=self.config.device)
+        self._generator.set_state(state["generator"])
+
+    def export_adapter(self, path: str) -> None:
+        """Write the current adapter as a standard peft folder (`rank_pattern` in adapter_config.json)."""
+        self.lora.export(path, self.config.model)
+
+    def describe(self) -> dict[str, Any]:
+        return {"config": asdict(self.config), "budget": self.budget, "modules": [asdict(m) for m in self.modules]}

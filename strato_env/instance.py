@@ -1,0 +1,79 @@
+"""An instance is a base model plus a task: built once per process and shared by the envs that use it."""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass
+
+from torch import nn
+
+from strato_env.config import EnvConfig
+from strato_env.models import TINY_PRESETS, TargetModule, find_target_modules, load_config, load_model
+from strato_env.tasks.base import TaskData
+from strato_env.tasks.planted import build_planted
+from strato_env.tasks.text import build_causal_lm, build_classification, classification_rows, load_tokenizer
+
+
+@dataclass
+class Instance:
+    model: nn.Module
+    """The frozen base model (envs train on their own copy)."""
+    modules: list[TargetModule]
+    data: TaskData
+    key: str
+    """Identifies the instance in caches."""
+
+
+_CACHE: dict[str, Instance] = {}
+_CACHE_SIZE = 8
+
+
+def instance_key(config: EnvConfig) -> str:
+    return json.dumps(
+        [config.model, asdict(config.task), config.target_modules, config.model_seed, config.device], sort_keys=True
+    )
+
+
+def _build(config: EnvConfig) -> Instance:
+    task = config.task
+    is_preset = config.model in TINY_PRESETS
+    if task.name == "classification":
+        rows = classification_rows(task)  # read the data before loading any weights
+        num_labels = max(int(label) for label in rows[task.label_column]) + 1
+        model = load_model(config.model, config.model_seed, task="classification", num_labels=num_labels)
+    else:
+        load_config(config.model)  # fail on an unknown model before reading any data
+        model = load_model(config.model, config.model_seed)
+    model.to(config.device)
+    modules = find_target_modules(model, config.target_modules)
+    if len(modules) > config.max_modules:
+        raise ValueError(
+            f"max_modules={config.max_modules} is too small: {config.model} has {len(modules)} target modules"
+        )
+    if task.name == "planted":
+        data = build_planted(model, modules, task)
+    elif task.name == "causal_lm":
+        data = build_causal_lm(task, load_tokenizer(config.model, is_preset))
+    else:
+        pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+        data = build_classification(task, rows, load_tokenizer(config.model, is_preset), pad_id)
+        data.modules_to_save = [name for name in ("classifier", "score") if hasattr(model, name)]
+    data.train = {k: v.to(config.device) for k, v in data.train.items()}
+    data.eval = {k: v.to(config.device) for k, v in data.eval.items()}
+    return Instance(model=model, modules=modules, data=data, key=instance_key(config))
+
+
+def get_instance(config: EnvConfig) -> Instance:
+    """The cached instance for `config`, built on first use."""
+    key = instance_key(config)
+    if key not in _CACHE:
+        if len(_CACHE) >= _CACHE_SIZE:
+            _CACHE.pop(next(iter(_CACHE)))
+        _CACHE[key] = _build(config)
+    return _CACHE[key]
+
+
+def fresh_model(instance: Instance) -> nn.Module:
+    """A private copy of the instance's base model for one env to wrap with LoRA."""
+    return copy.deepcopy(instance.model)

@@ -1,0 +1,191 @@
+"""Base models: tiny presets built from configs, hub ids or local directories, and target-module discovery."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    BertConfig,
+    GPT2Config,
+    LlamaConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+from transformers.pytorch_utils import Conv1D
+
+TINY_VOCAB = 512
+# Random weights of std 0.1 (not the usual 0.02) make tiny models non-linear enough for a student to
+# need the right ranks: at 0.02 the residual stream is nearly the identity and any allocation fits.
+TINY_INIT_STD = 0.1
+
+MODULE_KINDS = ("attention_in", "attention_out", "mlp_in", "mlp_out", "other")
+
+
+def _tiny_config(name: str) -> PretrainedConfig:
+    if name == "gpt2-tiny":
+        return GPT2Config(
+            vocab_size=TINY_VOCAB, n_positions=128, n_embd=64, n_layer=4, n_head=4,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+            bos_token_id=TINY_VOCAB - 1, eos_token_id=TINY_VOCAB - 1, initializer_range=TINY_INIT_STD,
+        )
+    if name == "llama-tiny":
+        return LlamaConfig(
+            vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+            bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=TINY_INIT_STD,
+        )
+    if name == "bert-tiny":
+        return BertConfig(
+            vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+            num_attention_heads=4, max_position_embeddings=128,
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, initializer_range=TINY_INIT_STD,
+        )
+    raise KeyError(name)
+
+
+TINY_PRESETS = ("gpt2-tiny", "llama-tiny", "bert-tiny")
+
+
+@dataclass(frozen=True)
+class TargetModule:
+    """One module that may carry a LoRA update: where it sits and its shape."""
+
+    name: str
+    kind: str
+    layer: int
+    depth: float
+    in_features: int
+    out_features: int
+
+    @property
+    def params_per_rank(self) -> int:
+        return self.in_features + self.out_features
+
+
+ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2", "mpnet")
+
+
+def is_causal_lm(config: PretrainedConfig) -> bool:
+    """True for decoder-only LMs; False for encoders (BERT-style), which are matched on hidden states."""
+    return config.model_type not in ENCODER_TYPES
+
+
+def load_config(name: str) -> PretrainedConfig:
+    """The transformers config of a preset, a local directory or a hub id (one clear error offline)."""
+    if name in TINY_PRESETS:
+        return _tiny_config(name)
+    path = os.path.expanduser(name)
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
+    if (looks_local or os.path.exists(path)) and not os.path.isdir(path):
+        raise ValueError(f"model={name!r}: no such local directory (tiny presets: {list(TINY_PRESETS)})")
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"model={name!r} could not be loaded: it is not a tiny preset {list(TINY_PRESETS)} nor a local "
+            "directory, and the Hugging Face hub could not provide it (offline, or no such model). Download it "
+            "where the hub is reachable (`hf download NAME --local-dir DIR`) and pass model=DIR instead."
+        ) from error
+
+
+def load_model(name: str, seed: int = 0, task: str = "planted", num_labels: int = 2) -> PreTrainedModel:
+    """The frozen base model: random tiny weights from `seed` for presets, pretrained weights otherwise.
+
+    Causal LMs come with their LM head and encoders as the bare encoder; task 'classification' adds a
+    sequence-classification head with `num_labels` outputs.
+    """
+    config = load_config(name)
+    if task == "classification":
+        auto = AutoModelForSequenceClassification
+        config.num_labels = num_labels
+        if config.pad_token_id is None:
+            config.pad_token_id = config.eos_token_id if config.eos_token_id is not None else 0
+    else:
+        auto = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
+    if name in TINY_PRESETS:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = auto.from_config(config)
+    else:
+        model = auto.from_pretrained(os.path.expanduser(name), config=config)
+    model.eval()  # no dropout: an episode is a deterministic function of its seed and actions
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model
+
+
+# (suffix regex, kind) per architecture family; encoder rules are anchored to the encoder's layers so that
+# heads such as BERT's `cls.predictions.transform.dense` are never targeted.
+_FAMILY_RULES: list[tuple[str, str]] = [
+    (r"\.attn\.c_attn$", "attention_in"),
+    (r"\.attn\.c_proj$", "attention_out"),
+    (r"\.mlp\.c_fc$", "mlp_in"),
+    (r"\.mlp\.c_proj$", "mlp_out"),
+    (r"\.self_attn\.(q_proj|k_proj|v_proj)$", "attention_in"),
+    (r"\.self_attn\.o_proj$", "attention_out"),
+    (r"\.mlp\.(gate_proj|up_proj)$", "mlp_in"),
+    (r"\.mlp\.down_proj$", "mlp_out"),
+    (r"encoder\.layer\.\d+\.attention\.self\.(query|key|value)$", "attention_in"),
+    (r"encoder\.layer\.\d+\.attention\.output\.dense$", "attention_out"),
+    (r"encoder\.layer\.\d+\.intermediate\.dense$", "mlp_in"),
+    (r"encoder\.layer\.\d+\.output\.dense$", "mlp_out"),
+]
+
+
+def _module_shape(module: nn.Module) -> tuple[int, int]:
+    if isinstance(module, Conv1D):
+        return module.nx, module.nf
+    return module.in_features, module.out_features
+
+
+def _kind_of(name: str) -> str:
+    for pattern, kind in _FAMILY_RULES:
+        if re.search(pattern, name):
+            return kind
+    return "other"
+
+
+def _layer_of(name: str) -> int:
+    match = re.search(r"\.(\d+)\.", name)
+    return int(match.group(1)) if match else 0
+
+
+def find_target_modules(model: nn.Module, override: list[str] | str | None = None) -> list[TargetModule]:
+    """The modules LoRA may adapt, in model order.
+
+    `override` is a list of module-name suffixes (matched at a dot boundary) or one regex searched in full
+    names; by default the rules of the GPT-2, Llama and BERT families apply.
+    """
+    candidates = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear | Conv1D)]
+    if override is None:
+        chosen = [(n, m) for n, m in candidates if _kind_of(n) != "other"]
+        what = "the GPT-2, Llama and BERT module rules"
+    elif isinstance(override, str):
+        pattern = re.compile(override)
+        chosen = [(n, m) for n, m in candidates if pattern.search(n)]
+        what = f"target_modules={override!r}"
+    else:
+        suffixes = list(override)
+        chosen = [(n, m) for n, m in candidates if any(n == s or n.endswith("." + s) for s in suffixes)]
+        what = f"target_modules={suffixes!r}"
+    if not chosen:
+        raise ValueError(
+            f"no target modules matched {what} in {type(model).__name__}; pass target_modules as a list of "
+            "module-name suffixes or a regex over Linear/Conv1D module names"
+        )
+    n_layers = max(_layer_of(n) for n, _ in chosen) + 1
+    modules = []
+    for name, module in chosen:
+        layer = _layer_of(name)
+        in_features, out_features = _module_shape(module)
+        depth = layer / (n_layers - 1) if n_layers > 1 else 0.0
+        modules.append(TargetModule(name, _kind_of(name), layer, depth, in_features, out_features))
+    return modules

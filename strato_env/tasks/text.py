@@ -1,0 +1,105 @@
+"""Tasks on real data: next-token loss on text (`causal_lm`) and sequence classification.
+
+Data comes from a local file or folder through `datasets` (text or CSV loader) or from a hub dataset id.
+Tiny presets have no tokenizer of their own and read UTF-8 bytes as tokens.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from strato_env.config import TaskConfig
+from strato_env.tasks.base import TaskData, causal_lm_loss, classification_loss
+
+Tokenize = Callable[[str], list[int]]
+
+
+def byte_tokenize(text: str) -> list[int]:
+    """Tokens of the tiny presets: the UTF-8 bytes of the text (ids 0-255)."""
+    return list(text.encode("utf-8"))
+
+
+def load_tokenizer(model_name: str, is_preset: bool) -> Tokenize:
+    if is_preset:
+        return byte_tokenize
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(model_name))
+    return lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def load_rows(config: TaskConfig, split: str = "train"):
+    """A `datasets.Dataset` from a local file/folder or a hub id; one clear error when it cannot be read."""
+    import datasets
+
+    path = os.path.expanduser(config.data)
+    builder = "csv" if config.name == "classification" else "text"
+    if os.path.isdir(path):
+        suffix = ".csv" if builder == "csv" else ".txt"
+        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(suffix))
+        if not files:
+            raise ValueError(f"task.data={config.data!r}: the folder holds no {suffix} file")
+        return datasets.load_dataset(builder, data_files=files, split="train")
+    if os.path.isfile(path):
+        return datasets.load_dataset(builder, data_files=path, split="train")
+    if config.data.startswith((".", "/", "~")) or config.data.count("/") > 1 or os.path.splitext(path)[1]:
+        raise ValueError(f"task.data={config.data!r}: no such local file or folder")
+    try:
+        return datasets.load_dataset(config.data, config.dataset_config, split=split)
+    except (ConnectionError, OSError, ValueError) as error:
+        raise ValueError(
+            f"task.data={config.data!r} could not be loaded: it is not a local file or folder and the Hugging "
+            "Face hub could not provide it (offline, or no such dataset). Pass a local text file or folder "
+            "(causal_lm) or CSV file (classification) instead."
+        ) from error
+
+
+def _choose(n_available: int, n_wanted: int, seed: int, what: str) -> np.ndarray:
+    if n_available < n_wanted:
+        raise ValueError(f"task.data holds {n_available} {what}, fewer than train_examples + eval_examples = {n_wanted}")
+    return np.random.default_rng(seed).permutation(n_available)[:n_wanted]
+
+
+def build_causal_lm(config: TaskConfig, tokenize: Tokenize) -> TaskData:
+    rows = load_rows(config)
+    tokens = []
+    for text in rows["text"]:
+        if text.strip():
+            tokens += tokenize(text + "\n")
+    n_blocks = len(tokens) // config.seq_len
+    blocks = torch.tensor(tokens[: n_blocks * config.seq_len]).view(n_blocks, config.seq_len)
+    chosen = blocks[_choose(n_blocks, config.train_examples + config.eval_examples, config.data_seed, "blocks")]
+    split = config.train_examples
+    return TaskData(train={"input_ids": chosen[:split]}, eval={"input_ids": chosen[split:]}, loss=causal_lm_loss)
+
+
+def classification_rows(config: TaskConfig):
+    rows = load_rows(config)
+    for column in (config.text_column, config.label_column):
+        if column not in rows.column_names:
+            raise ValueError(f"task.{'text' if column == config.text_column else 'label'}_column={column!r} is not "
+                             f"a column of task.data; columns: {rows.column_names}")
+    return rows
+
+
+def build_classification(config: TaskConfig, rows, tokenize: Tokenize, pad_id: int) -> TaskData:
+    chosen = _choose(len(rows), config.train_examples + config.eval_examples, config.data_seed, "rows")
+    input_ids = torch.full((len(chosen), config.seq_len), pad_id)
+    attention_mask = torch.zeros_like(input_ids)
+    texts, labels = rows[config.text_column], rows[config.label_column]
+    for i, index in enumerate(chosen.tolist()):
+        ids = tokenize(str(texts[index]))[: config.seq_len] or [pad_id]
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        attention_mask[i, : len(ids)] = 1
+    label_tensor = torch.tensor([int(labels[i]) for i in chosen.tolist()])
+    data = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_tensor}
+    split = config.train_examples
+    return TaskData(
+        train={k: v[:split] for k, v in data.items()},
+        eval={k: v[split:] for k, v in data.items()},
+        loss=classification_loss,
+    )
