@@ -133,7 +133,7 @@ class DynamicLora:
                     grown[tuple(slice(0, n) for n in value.shape)] = value
                     return grown
             else:
-                new_B, new_A = truncated_factors(B, A, rank)
+                new_B, new_A = truncated_factors(B, A, rank) if rank else (B[:, :0], A[:0])
 
                 def moments(value: torch.Tensor, shape: torch.Size) -> torch.Tensor:
                     return value.new_zeros(shape)  # the kept directions are a new basis
@@ -194,10 +194,10 @@ class DynamicLora:
         ranks = self.ranks
         if not any(ranks.values()) and not self.extra_parameters:
             raise ValueError("the allocation adapts no module (all ranks are 0): there is no adapter to export")
+        nonempty = {k: v for k, v in self.peft_model.state_dict().items() if v.numel() > 0}  # rank-0 factors
         state = {
             key: value.detach().cpu().contiguous()
-            for key, value in get_peft_model_state_dict(self.peft_model).items()
-            if ".lora_" not in key or ranks[key.split(".lora_")[0].removeprefix("base_model.model.")] > 0
+            for key, value in get_peft_model_state_dict(self.peft_model, state_dict=nonempty).items()
         }
         path = os.fspath(path)
         parent = os.path.dirname(os.path.abspath(path))

@@ -139,6 +139,8 @@ class EnvConfig:
                 _fail(name, value, "expected a number >= 0")
         if not 0 <= self.importance_smoothing < 1:
             _fail("importance_smoothing", self.importance_smoothing, "expected a number in [0, 1)")
+        if self.task.name == "planted" and self.task.planted_rank not in ladder:
+            _fail("task.planted_rank", self.task.planted_rank, f"is not on rank_ladder {list(ladder)}")
         if self.initial_rank not in ladder:
             _fail("initial_rank", self.initial_rank, f"must be on the rank ladder {list(ladder)}")
 

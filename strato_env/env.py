@@ -49,7 +49,8 @@ class RankAllocationEnv(gym.Env):
 
     ## Observation Space
 
-    `Dict(modules=Box(max_modules, 10), global=Box(4))`, scale-free so one policy fits any model.
+    `Dict(modules=Box(max_modules * 10), global=Box(4))`, scale-free so one policy fits any model.
+    `modules` is flat (as SB3 prefers); `modules.reshape(max_modules, 10)` gives one row per module slot:
 
     | modules[:, i] | meaning                                                   | bounds  |
     |---------------|-----------------------------------------------------------|---------|
@@ -112,7 +113,7 @@ class RankAllocationEnv(gym.Env):
     >>> env = gym.make("strato_env/RankAllocation-v0", decisions=2, inner_steps=1)
     >>> observation, info = env.reset(seed=0)
     >>> observation["modules"].shape, info["params"]
-    ((64, 10), 0)
+    ((640,), 0)
     """
 
     metadata = {"render_modes": []}
@@ -127,7 +128,6 @@ class RankAllocationEnv(gym.Env):
         self.modules = self.instance.modules
         self.data = self.instance.data
         self.ladder = self.config.rank_ladder
-        self._validate_instance()
 
         self.lora = DynamicLora(
             fresh_model(self.instance), self.modules, self.config.learning_rate, self.config.weight_decay,
@@ -143,7 +143,7 @@ class RankAllocationEnv(gym.Env):
         n = self.config.max_modules
         self.action_space = spaces.MultiDiscrete([3] * n)
         self.observation_space = spaces.Dict({
-            "modules": spaces.Box(0.0, 1.0, (n, MODULE_FEATURES), np.float32),
+            "modules": spaces.Box(0.0, 1.0, (n * MODULE_FEATURES,), np.float32),
             "global": spaces.Box(np.array([0, 0, 0, -LOSS_RATIO_MAX], np.float32),
                                  np.array([1, 1, LOSS_RATIO_MAX, 1], np.float32), dtype=np.float32),
         })
@@ -152,11 +152,6 @@ class RankAllocationEnv(gym.Env):
         self.oracle_loss = self._cached_oracle_loss()
 
     # ---- validation and instance-level caches -------------------------------------------------------------
-    def _validate_instance(self) -> None:
-        task = self.config.task
-        if task.name == "planted" and task.planted_rank not in self.ladder:
-            raise ValueError(f"task.planted_rank={task.planted_rank} is not on rank_ladder {list(self.ladder)}")
-
     def _default_budget(self) -> int:
         ranks = self.data.oracle_ranks or {m.name: min(4, self.ladder[-1]) for m in self.modules}
         return allocation_cost(self.modules, ranks).params + self.lora.extra_params
@@ -360,7 +355,7 @@ class RankAllocationEnv(gym.Env):
             min(ratio, LOSS_RATIO_MAX),
             np.clip(episode["last_gain"], -LOSS_RATIO_MAX, 1.0),
         ], np.float32)
-        return {"modules": modules, "global": global_}
+        return {"modules": modules.reshape(-1), "global": global_}
 
     def _info(self) -> dict[str, Any]:
         ranks = self.lora.ranks
