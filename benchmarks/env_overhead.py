@@ -23,7 +23,7 @@ def plain_peft_decision(model, optimizer, env: RankAllocationEnv, rows: np.ndarr
     """What one decision costs without the env: `inner_steps` AdamW steps, then the evaluation loss."""
     size = env.config.batch_size
     for step in range(env.config.inner_steps):
-        index = torch.as_tensor(rows[step * size:(step + 1) * size])
+        index = torch.as_tensor(rows[step * size : (step + 1) * size])
         loss = env.data.loss(model, {k: v[index] for k, v in env.data.train.items()})
         loss.backward()
         optimizer.step()
@@ -31,7 +31,7 @@ def plain_peft_decision(model, optimizer, env: RankAllocationEnv, rows: np.ndarr
     with torch.no_grad():
         eval_size = len(env.data.eval["input_ids"])
         total = sum(
-            env.data.loss(model, {k: v[s:s + size] for k, v in env.data.eval.items()}) * min(size, eval_size - s)
+            env.data.loss(model, {k: v[s : s + size] for k, v in env.data.eval.items()}) * min(size, eval_size - s)
             for s in range(0, eval_size, size)
         )
     return float(total / eval_size)
@@ -49,10 +49,14 @@ def main() -> None:
     env = RankAllocationEnv(model=args.model)
     allocation = env.data.oracle_ranks
     adapted = {name: r for name, r in allocation.items() if r > 0}
-    config = LoraConfig(r=1, lora_alpha=1, target_modules=sorted(adapted),
-                        rank_pattern={re.escape(n): r for n, r in adapted.items()},
-                        alpha_pattern={re.escape(n): r for n, r in adapted.items()},
-                        fan_in_fan_out=args.model.startswith("gpt2"))
+    config = LoraConfig(
+        r=1,
+        lora_alpha=1,
+        target_modules=sorted(adapted),
+        rank_pattern={re.escape(n): r for n, r in adapted.items()},
+        alpha_pattern={re.escape(n): r for n, r in adapted.items()},
+        fan_in_fan_out=args.model.startswith("gpt2"),
+    )
     plain = get_peft_model(fresh_model(env.instance), config)
     optimizer = torch.optim.AdamW([p for p in plain.parameters() if p.requires_grad], lr=env.config.learning_rate)
     keep = np.full(env.action_space.shape, KEEP)
@@ -67,16 +71,18 @@ def main() -> None:
             env.step(keep)
             env_time = time.perf_counter() - start
             start = time.perf_counter()
-            plain_peft_decision(plain, optimizer, env, order[decision * per_decision:(decision + 1) * per_decision])
+            plain_peft_decision(plain, optimizer, env, order[decision * per_decision : (decision + 1) * per_decision])
             plain_time = time.perf_counter() - start
             if repeat:
                 env_times.append(env_time)
                 plain_times.append(plain_time)
 
     env_ms, plain_ms = 1e3 * statistics.median(env_times), 1e3 * statistics.median(plain_times)
-    print(f"model={args.model} modules={len(env.modules)} adapted={len(adapted)} "
-          f"inner_steps={env.config.inner_steps} batch={env.config.batch_size}x{env.config.task.seq_len} "
-          f"threads={torch.get_num_threads()} decisions timed={len(env_times)}")
+    print(
+        f"model={args.model} modules={len(env.modules)} adapted={len(adapted)} "
+        f"inner_steps={env.config.inner_steps} batch={env.config.batch_size}x{env.config.task.seq_len} "
+        f"threads={torch.get_num_threads()} decisions timed={len(env_times)}"
+    )
     print(f"env.step        median {env_ms:8.2f} ms per decision")
     print(f"plain peft loop median {plain_ms:8.2f} ms per decision")
     print(f"ratio env/plain: {env_ms / plain_ms:.3f}")

@@ -159,7 +159,10 @@ class DynamicLora:
         """A deep copy of factors, head weights and optimizer state."""
         return {
             "factors": {
-                name: (layer.lora_B[ADAPTER].weight.detach().clone(), layer.lora_A[ADAPTER].weight.detach().clone())
+                name: (
+                    layer.lora_B[ADAPTER].weight.detach().clone(),
+                    layer.lora_A[ADAPTER].weight.detach().clone(),
+                )
                 for name, layer in self.layers.items()
             },
             "extra": [p.detach().clone() for p in self.extra_parameters],

@@ -126,7 +126,11 @@ class EnvConfig:
             or ladder[0] != 0
             or any(b <= a for a, b in zip(ladder, ladder[1:], strict=False))
         ):
-            _fail("rank_ladder", self.rank_ladder, "expected strictly increasing integers starting at 0, e.g. (0, 1, 2, 4, 8)")
+            _fail(
+                "rank_ladder",
+                self.rank_ladder,
+                "expected strictly increasing integers starting at 0, e.g. (0, 1, 2, 4, 8)",
+            )
         self.rank_ladder = ladder
         if self.budget is not None:
             _check_positive_int("budget", self.budget)

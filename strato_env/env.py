@@ -130,23 +130,30 @@ class RankAllocationEnv(gym.Env):
         self.ladder = self.config.rank_ladder
 
         self.lora = DynamicLora(
-            fresh_model(self.instance), self.modules, self.config.learning_rate, self.config.weight_decay,
+            fresh_model(self.instance),
+            self.modules,
+            self.config.learning_rate,
+            self.config.weight_decay,
             self.data.modules_to_save,
         )
         self.model = self.lora.peft_model
         self.budget = self.config.budget if self.config.budget is not None else self._default_budget()
         self._check_budget()
-        self._base_weights = [self.model.base_model.model.get_submodule(m.name).base_layer.weight
-                              for m in self.modules]
+        self._base_weights = [self.model.base_model.model.get_submodule(m.name).base_layer.weight for m in self.modules]
         self._static_features = self._module_features()
 
         n = self.config.max_modules
         self.action_space = spaces.MultiDiscrete([3] * n)
-        self.observation_space = spaces.Dict({
-            "modules": spaces.Box(0.0, 1.0, (n * MODULE_FEATURES,), np.float32),
-            "global": spaces.Box(np.array([0, 0, 0, -LOSS_RATIO_MAX], np.float32),
-                                 np.array([1, 1, LOSS_RATIO_MAX, 1], np.float32), dtype=np.float32),
-        })
+        self.observation_space = spaces.Dict(
+            {
+                "modules": spaces.Box(0.0, 1.0, (n * MODULE_FEATURES,), np.float32),
+                "global": spaces.Box(
+                    np.array([0, 0, 0, -LOSS_RATIO_MAX], np.float32),
+                    np.array([1, 1, LOSS_RATIO_MAX, 1], np.float32),
+                    dtype=np.float32,
+                ),
+            }
+        )
         self._episode: dict[str, Any] | None = None
         self._probe = self._cached_probe()
         self.oracle_loss = self._cached_oracle_loss()
@@ -165,13 +172,17 @@ class RankAllocationEnv(gym.Env):
             )
         initial = self.params_of({m.name: self.config.initial_rank for m in self.modules})
         if initial > self.budget:
-            raise ValueError(f"initial_rank={self.config.initial_rank} on every module needs {initial} parameters, "
-                             f"over budget={self.budget}")
+            raise ValueError(
+                f"initial_rank={self.config.initial_rank} on every module needs {initial} parameters, "
+                f"over budget={self.budget}"
+            )
 
     def _protocol_key(self) -> str:
         c = self.config
-        return f"{self.instance.key}|{c.rank_ladder}|{c.decisions}|{c.inner_steps}|{c.batch_size}|" \
-               f"{c.learning_rate}|{c.weight_decay}"
+        return (
+            f"{self.instance.key}|{c.rank_ladder}|{c.decisions}|{c.inner_steps}|{c.batch_size}|"
+            f"{c.learning_rate}|{c.weight_decay}"
+        )
 
     def _cached_probe(self) -> np.ndarray:
         key = f"{self.instance.key}|{self.config.batch_size}"
@@ -248,7 +259,7 @@ class RankAllocationEnv(gym.Env):
         size = len(next(iter(self.data.eval.values())))
         total = 0.0
         for start in range(0, size, self.config.batch_size):
-            batch = {k: v[start:start + self.config.batch_size] for k, v in self.data.eval.items()}
+            batch = {k: v[start : start + self.config.batch_size] for k, v in self.data.eval.items()}
             total += self.data.loss(self.model, batch) * len(batch["input_ids"])
         return float(total / size)
 
@@ -274,7 +285,7 @@ class RankAllocationEnv(gym.Env):
         size = self.config.batch_size
         for step in range(steps):
             start = episode["optimizer_steps"] * size
-            rows = torch.as_tensor(episode["order"][start:start + size], device=self.config.device)
+            rows = torch.as_tensor(episode["order"][start : start + size], device=self.config.device)
             batch = {k: v[rows] for k, v in self.data.train.items()}
             last = step == steps - 1
             with WeightGradients(self._base_weights if last else []) as gradients:
@@ -349,12 +360,15 @@ class RankAllocationEnv(gym.Env):
         modules[:n, 0] = normalized(episode["importance"])
         modules[:n, 1] = np.array(list(self.lora.ranks.values())) / self.ladder[-1]
         ratio = episode["loss"] / episode["initial_loss"] if episode["initial_loss"] > 0 else 0.0
-        global_ = np.array([
-            min(self.params_of(self.lora.ranks) / self.budget, 1.0),
-            1 - episode["decision"] / self.config.decisions,
-            min(ratio, LOSS_RATIO_MAX),
-            np.clip(episode["last_gain"], -LOSS_RATIO_MAX, 1.0),
-        ], np.float32)
+        global_ = np.array(
+            [
+                min(self.params_of(self.lora.ranks) / self.budget, 1.0),
+                1 - episode["decision"] / self.config.decisions,
+                min(ratio, LOSS_RATIO_MAX),
+                np.clip(episode["last_gain"], -LOSS_RATIO_MAX, 1.0),
+            ],
+            np.float32,
+        )
         return {"modules": modules.reshape(-1), "global": global_}
 
     def _info(self) -> dict[str, Any]:
@@ -406,4 +420,8 @@ class RankAllocationEnv(gym.Env):
         self.lora.export(path, self.config.model)
 
     def describe(self) -> dict[str, Any]:
-        return {"config": asdict(self.config), "budget": self.budget, "modules": [asdict(m) for m in self.modules]}
+        return {
+            "config": asdict(self.config),
+            "budget": self.budget,
+            "modules": [asdict(m) for m in self.modules],
+        }

@@ -40,7 +40,10 @@ class WeightGradients:
 
 
 def probe_importance(
-    model: nn.Module, weights: Sequence[nn.Parameter], loss: Callable[[nn.Module, Batch], torch.Tensor], batch: Batch
+    model: nn.Module,
+    weights: Sequence[nn.Parameter],
+    loss: Callable[[nn.Module, Batch], torch.Tensor],
+    batch: Batch,
 ) -> np.ndarray:
     """Gradient norms per module on one batch, without any optimizer step."""
     with WeightGradients(weights) as gradients:

@@ -31,7 +31,8 @@ _CACHE_SIZE = 8
 
 def instance_key(config: EnvConfig) -> str:
     return json.dumps(
-        [config.model, asdict(config.task), config.target_modules, config.model_seed, config.device], sort_keys=True
+        [config.model, asdict(config.task), config.target_modules, config.model_seed, config.device],
+        sort_keys=True,
     )
 
 

@@ -32,21 +32,43 @@ MODULE_KINDS = ("attention_in", "attention_out", "mlp_in", "mlp_out", "other")
 def _tiny_config(name: str) -> PretrainedConfig:
     if name == "gpt2-tiny":
         return GPT2Config(
-            vocab_size=TINY_VOCAB, n_positions=128, n_embd=64, n_layer=4, n_head=4,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-            bos_token_id=TINY_VOCAB - 1, eos_token_id=TINY_VOCAB - 1, initializer_range=TINY_INIT_STD,
+            vocab_size=TINY_VOCAB,
+            n_positions=128,
+            n_embd=64,
+            n_layer=4,
+            n_head=4,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=TINY_VOCAB - 1,
+            eos_token_id=TINY_VOCAB - 1,
+            initializer_range=TINY_INIT_STD,
         )
     if name == "llama-tiny":
         return LlamaConfig(
-            vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-            bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=TINY_INIT_STD,
+            vocab_size=TINY_VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+            initializer_range=TINY_INIT_STD,
         )
     if name == "bert-tiny":
         return BertConfig(
-            vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-            num_attention_heads=4, max_position_embeddings=128,
-            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, initializer_range=TINY_INIT_STD,
+            vocab_size=TINY_VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            initializer_range=TINY_INIT_STD,
         )
     raise KeyError(name)
 
@@ -70,7 +92,17 @@ class TargetModule:
         return self.in_features + self.out_features
 
 
-ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2", "mpnet")
+ENCODER_TYPES = (
+    "bert",
+    "roberta",
+    "xlm-roberta",
+    "distilbert",
+    "albert",
+    "electra",
+    "deberta",
+    "deberta-v2",
+    "mpnet",
+)
 
 
 def is_causal_lm(config: PretrainedConfig) -> bool:

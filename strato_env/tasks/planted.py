@@ -42,8 +42,9 @@ def planted_ranks(modules: Sequence[TargetModule], profile: str, rank: int, seed
     return {m.name: rank if keep else 0 for m, keep in zip(modules, chosen, strict=True)}
 
 
-def _planted_update(weight: torch.Tensor, shape: tuple[int, int], rank: int, scale: float,
-                    generator: torch.Generator) -> torch.Tensor:
+def _planted_update(
+    weight: torch.Tensor, shape: tuple[int, int], rank: int, scale: float, generator: torch.Generator
+) -> torch.Tensor:
     """out x in update with `rank` equal singular values and Frobenius norm scale * ||weight||."""
     out_features, in_features = shape
     U, _ = torch.linalg.qr(torch.randn(out_features, rank, generator=generator))
@@ -51,16 +52,26 @@ def _planted_update(weight: torch.Tensor, shape: tuple[int, int], rank: int, sca
     return (U @ V.T) * (scale * weight.norm() / rank**0.5)
 
 
-def _perturbed_copy(model: nn.Module, modules: Sequence[TargetModule], ranks: dict[str, int],
-                    config: TaskConfig, generator: torch.Generator) -> nn.Module:
+def _perturbed_copy(
+    model: nn.Module,
+    modules: Sequence[TargetModule],
+    ranks: dict[str, int],
+    config: TaskConfig,
+    generator: torch.Generator,
+) -> nn.Module:
     teacher = copy.deepcopy(model)
     with torch.no_grad():
         for module in modules:
             if ranks[module.name] == 0:
                 continue
             layer = teacher.get_submodule(module.name)
-            delta = _planted_update(layer.weight, (module.out_features, module.in_features),
-                                    ranks[module.name], config.planted_scale, generator)
+            delta = _planted_update(
+                layer.weight,
+                (module.out_features, module.in_features),
+                ranks[module.name],
+                config.planted_scale,
+                generator,
+            )
             layer.weight += delta.T if isinstance(layer, Conv1D) else delta
     return teacher
 
@@ -69,7 +80,7 @@ def _perturbed_copy(model: nn.Module, modules: Sequence[TargetModule], ranks: di
 def _teacher_targets(teacher: nn.Module, input_ids: torch.Tensor, causal: bool, chunk: int = 32) -> torch.Tensor:
     outputs = []
     for start in range(0, len(input_ids), chunk):
-        result = teacher(input_ids=input_ids[start:start + chunk])
+        result = teacher(input_ids=input_ids[start : start + chunk])
         outputs.append(torch.log_softmax(result.logits.float(), -1) if causal else result.last_hidden_state.float())
     return torch.cat(outputs)
 

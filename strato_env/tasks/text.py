@@ -60,7 +60,9 @@ def load_rows(config: TaskConfig, split: str = "train"):
 
 def _choose(n_available: int, n_wanted: int, seed: int, what: str) -> np.ndarray:
     if n_available < n_wanted:
-        raise ValueError(f"task.data holds {n_available} {what}, fewer than train_examples + eval_examples = {n_wanted}")
+        raise ValueError(
+            f"task.data holds {n_available} {what}, fewer than train_examples + eval_examples = {n_wanted}"
+        )
     return np.random.default_rng(seed).permutation(n_available)[:n_wanted]
 
 
@@ -81,8 +83,10 @@ def classification_rows(config: TaskConfig):
     rows = load_rows(config)
     for column in (config.text_column, config.label_column):
         if column not in rows.column_names:
-            raise ValueError(f"task.{'text' if column == config.text_column else 'label'}_column={column!r} is not "
-                             f"a column of task.data; columns: {rows.column_names}")
+            raise ValueError(
+                f"task.{'text' if column == config.text_column else 'label'}_column={column!r} is not "
+                f"a column of task.data; columns: {rows.column_names}"
+            )
     return rows
 
 

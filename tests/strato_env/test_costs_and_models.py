@@ -8,13 +8,29 @@ from strato_env.costs import allocation_cost, cheapest_nonempty, uniform_rank_fo
 from strato_env.models import find_target_modules, load_model
 
 EXPECTED_KINDS = {
-    "gpt2-tiny": {"attn.c_attn": "attention_in", "attn.c_proj": "attention_out", "mlp.c_fc": "mlp_in",
-                  "mlp.c_proj": "mlp_out"},
-    "llama-tiny": {"q_proj": "attention_in", "k_proj": "attention_in", "v_proj": "attention_in",
-                   "o_proj": "attention_out", "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "mlp_out"},
-    "bert-tiny": {"attention.self.query": "attention_in", "attention.self.key": "attention_in",
-                  "attention.self.value": "attention_in", "attention.output.dense": "attention_out",
-                  "intermediate.dense": "mlp_in", "layer.0.output.dense": "mlp_out"},
+    "gpt2-tiny": {
+        "attn.c_attn": "attention_in",
+        "attn.c_proj": "attention_out",
+        "mlp.c_fc": "mlp_in",
+        "mlp.c_proj": "mlp_out",
+    },
+    "llama-tiny": {
+        "q_proj": "attention_in",
+        "k_proj": "attention_in",
+        "v_proj": "attention_in",
+        "o_proj": "attention_out",
+        "gate_proj": "mlp_in",
+        "up_proj": "mlp_in",
+        "down_proj": "mlp_out",
+    },
+    "bert-tiny": {
+        "attention.self.query": "attention_in",
+        "attention.self.key": "attention_in",
+        "attention.self.value": "attention_in",
+        "attention.output.dense": "attention_out",
+        "intermediate.dense": "mlp_in",
+        "layer.0.output.dense": "mlp_out",
+    },
 }
 
 
@@ -41,7 +57,10 @@ def test_bert_heads_are_never_targeted():
 
 def test_override_by_list_and_regex():
     model = load_model("llama-tiny")
-    assert {m.name.rsplit(".", 1)[1] for m in find_target_modules(model, ["q_proj", "v_proj"])} == {"q_proj", "v_proj"}
+    assert {m.name.rsplit(".", 1)[1] for m in find_target_modules(model, ["q_proj", "v_proj"])} == {
+        "q_proj",
+        "v_proj",
+    }
     assert len(find_target_modules(model, r"layers\.3\.mlp")) == 3
 
 
@@ -50,8 +69,11 @@ def test_costs_equal_peft_trainable_parameters(preset):
     model = load_model(preset)
     modules = find_target_modules(model)
     ranks = {m.name: [1, 2, 4, 8][i % 4] for i, m in enumerate(modules)}
-    config = LoraConfig(r=1, target_modules=[m.name for m in modules],
-                        rank_pattern={re.escape(n): r for n, r in ranks.items()})
+    config = LoraConfig(
+        r=1,
+        target_modules=[m.name for m in modules],
+        rank_pattern={re.escape(n): r for n, r in ranks.items()},
+    )
     peft_model = get_peft_model(model, config)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     cost = allocation_cost(modules, ranks)

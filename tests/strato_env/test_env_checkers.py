@@ -41,9 +41,7 @@ def test_default_make_is_the_planted_gpt2_tiny_instance():
     _, info = env.reset(seed=0)
     assert info["oracle_loss"] < info["initial_loss"]
     assert info["params"] == 0 and info["budget"] == sum(
-        r * (m.in_features + m.out_features)
-        for m in env.unwrapped.modules
-        for r in [info["oracle_allocation"][m.name]]
+        r * (m.in_features + m.out_features) for m in env.unwrapped.modules for r in [info["oracle_allocation"][m.name]]
     )
 
 

@@ -6,8 +6,9 @@ from strato_env.env import GROW, KEEP, SHRINK, RankAllocationEnv
 
 @pytest.mark.parametrize("model", ["gpt2-tiny", "llama-tiny"])
 def test_masked_random_rollouts_stay_on_the_ladder_and_within_budget(model):
-    env = RankAllocationEnv(model=model, decisions=6, inner_steps=1, rank_ladder=(0, 1, 2, 4, 8),
-                            task={"planted_rank": 8})
+    env = RankAllocationEnv(
+        model=model, decisions=6, inner_steps=1, rank_ladder=(0, 1, 2, 4, 8), task={"planted_rank": 8}
+    )
     ladder = set(env.ladder)
     rng = np.random.default_rng(0)
     n = len(env.modules)
