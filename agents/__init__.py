@@ -1,0 +1,1 @@
+"""Solvers of the rank-allocation problem: PPO policies, Go-Explore and baselines."""
