@@ -1,0 +1,98 @@
+"""`strato`: train an allocation policy, apply it to a new model, inspect a model's target modules."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields, is_dataclass
+
+from agents.config import TrainConfig
+
+DEFAULTS = argparse.ArgumentDefaultsHelpFormatter
+
+
+def _config_keys() -> str:
+    """Every `key=value` that `strato train` accepts, with its default."""
+    defaults = TrainConfig()
+    lines = ["config keys (key=value overrides, dotted for nested ones; env keys are strato_env.EnvConfig fields):"]
+    for f in fields(TrainConfig):
+        value = getattr(defaults, f.name)
+        if is_dataclass(value):
+            lines += [f"  {f.name}.{g.name}={getattr(value, g.name)!r}" for g in fields(value)]
+        else:
+            lines.append(f"  {f.name}={value!r}")
+    from strato_env.config import EnvConfig
+
+    env = EnvConfig()
+    lines += [f"  env.{g.name}={getattr(env, g.name)!r}" for g in fields(EnvConfig) if g.name != "task"]
+    lines += [f"  env.task.{g.name}={getattr(env.task, g.name)!r}" for g in fields(env.task)]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="strato", description=__doc__, formatter_class=DEFAULTS)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser(
+        "train",
+        help="train an allocation policy or run a Go-Explore search; writes a run folder",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_config_keys(),
+        description="strato train [CONFIG.yaml] [key=value ...]: with no arguments, MaskablePPO on the embedded "
+        "default (planted instance on gpt2-tiny).",
+    )
+    train.add_argument("items", nargs="*", metavar="[CONFIG] [key=value ...]", help="a YAML config and overrides")
+
+    apply = commands.add_parser(
+        "apply", help="run a learned policy on a new model and export its adapter", formatter_class=DEFAULTS
+    )
+    apply.add_argument("--policy", required=True, help="policy.zip written by `strato train`")
+    apply.add_argument("--model", required=True, help="tiny preset, hub id or local model directory")
+    apply.add_argument(
+        "--task",
+        default=None,
+        choices=["planted", "causal_lm", "classification"],
+        help="task family (default: the policy's training task)",
+    )
+    apply.add_argument(
+        "--data", default=None, help="text file/folder, CSV or hub dataset id (causal_lm, classification)"
+    )
+    apply.add_argument("--profile", default=None, help="planted rank profile, e.g. bottom-heavy")
+    apply.add_argument("--budget", type=int, default=None, help="parameter budget (default: the env's default)")
+    apply.add_argument("--seed", type=int, default=0, help="episode seed")
+    apply.add_argument("--out", required=True, help="run folder to create")
+
+    inspect = commands.add_parser(
+        "inspect", help="list a model's target modules, shapes and cost per rank", formatter_class=DEFAULTS
+    )
+    inspect.add_argument("--model", required=True, help="tiny preset, hub id or local model directory")
+    inspect.add_argument("--target-modules", default=None, help="regex over module names overriding discovery")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from agents import jobs
+
+    try:
+        if args.command == "train":
+            config_path = args.items[0] if args.items and "=" not in args.items[0] else None
+            overrides = args.items[1:] if config_path else args.items
+            from agents.config import load_train_config
+
+            path = jobs.train(load_train_config(config_path, overrides))
+            print(f"run folder: {path}")
+        elif args.command == "apply":
+            task = {k: v for k, v in (("name", args.task), ("data", args.data), ("profile", args.profile)) if v}
+            path = jobs.apply(args.policy, args.model, args.out, task=task or None, budget=args.budget, seed=args.seed)
+            print(f"run folder: {path}")
+        else:
+            print(jobs.inspect(args.model, args.target_modules))
+    except ValueError as error:
+        print(f"strato {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Typed, validated configuration of the Go-Explore search."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+
+def _fail(field_name: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"{field_name}={value!r} is invalid: {allowed}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass
+class GoExploreConfig:
+    """Budget and exploration settings of one Go-Explore search."""
+
+    max_optimizer_steps: int = 400
+    """Search budget: optimizer steps actually run (each env step costs env.config.inner_steps; returns are free)."""
+    explore_steps: int | None = 2
+    """Env steps per exploration from a selected cell; None: until the episode ends."""
+    keep_probability: float = 0.5
+    """Random exploration: chance that a module keeps its rank; otherwise a uniform allowed shrink or grow."""
+    improvement_bonus: float = 0.1
+    """Extra selection weight per past exploration that found a new or better cell (0 = pure count-based)."""
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.max_optimizer_steps) or self.max_optimizer_steps < 1:
+            _fail("max_optimizer_steps", self.max_optimizer_steps, "expected an integer >= 1")
+        if self.explore_steps is not None and (not _is_int(self.explore_steps) or self.explore_steps < 1):
+            _fail("explore_steps", self.explore_steps, "expected an integer >= 1, or None (until the episode ends)")
+        if not _is_number(self.keep_probability) or not 0 <= self.keep_probability <= 1:
+            _fail("keep_probability", self.keep_probability, "expected a number in [0, 1]")
+        if not _is_number(self.improvement_bonus) or self.improvement_bonus < 0:
+            _fail("improvement_bonus", self.improvement_bonus, "expected a finite number >= 0")

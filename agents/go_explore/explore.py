@@ -1,0 +1,140 @@
+"""Go-Explore over rank schedules: select a cell, return to it by set_state, explore, keep the best per cell."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any, Protocol
+
+import gymnasium as gym
+import numpy as np
+
+from agents.go_explore.archive import Archive, CellEntry
+from agents.go_explore.cells import CellFunction, DepthProfileCell
+from agents.go_explore.config import GoExploreConfig
+from agents.result import SearchResult
+from strato_env.env import GROW, KEEP, SHRINK
+
+
+class Policy(Protocol):
+    """Anything that acts like an SB3 (Maskable)PPO model."""
+
+    def predict(self, observation: Any, *, action_masks: np.ndarray, deterministic: bool) -> tuple[Any, Any]: ...
+
+
+def random_action(masks: np.ndarray, rng: np.random.Generator, keep_probability: float) -> np.ndarray:
+    """Per module slot: keep with `keep_probability`, else a uniform allowed shrink or grow (keep if neither)."""
+    allowed = masks.reshape(-1, 3)
+    action = np.full(len(allowed), KEEP, dtype=np.int64)
+    for slot, row in enumerate(allowed):
+        moves = [move for move in (SHRINK, GROW) if row[move]]
+        if moves and rng.random() >= keep_probability:
+            action[slot] = moves[int(rng.integers(len(moves)))]
+    return action
+
+
+class GoExplore:
+    """Go-Explore (Ecoffet et al., 2021) on RankAllocationEnv.
+
+    The search starts from `env.reset(seed=seed)`; every archived trajectory replays exactly from that reset.
+    It drives `env.unwrapped` directly, since wrappers (e.g. TimeLimit) would not follow `set_state`.
+    `cell` maps states to cells (default `DepthProfileCell()`); `policy`, if given, explores through
+    `policy.predict(obs, action_masks=..., deterministic=False)` instead of random valid actions.
+    After `run`, `self.archive` holds the archive.
+    """
+
+    def __init__(
+        self,
+        config: GoExploreConfig | None = None,
+        cell: CellFunction | None = None,
+        policy: Policy | None = None,
+    ) -> None:
+        self.config = config if config is not None else GoExploreConfig()
+        self.cell = cell if cell is not None else DepthProfileCell()
+        self.policy = policy
+        self.archive: Archive | None = None
+
+    def run(
+        self,
+        env: gym.Env,
+        seed: int,
+        progress: Callable[[int, float], None] | None = None,
+    ) -> SearchResult:
+        """Search until the next env step would exceed `max_optimizer_steps`, or no cell is left to explore."""
+        base: Any = env.unwrapped
+        rng = np.random.default_rng(seed)
+        cost = base.config.inner_steps
+        metadata = {"seed": seed, "config": asdict(self.config), "cell": repr(self.cell)}
+        self.archive = archive = Archive(self.config.improvement_bonus, metadata)
+        observation, info = base.reset(seed=seed)
+        archive.add(self._entry(base, observation, info, [], finished=False))
+        spent = 0
+        history: list[tuple[int, float]] = []
+        limit = self.config.explore_steps if self.config.explore_steps is not None else math.inf
+        while spent + cost <= self.config.max_optimizer_steps:
+            source = archive.select(rng)
+            if source is None:
+                break
+            source.times_chosen += 1
+            base.set_state(source.snapshot)
+            observation, trajectory = source.observation, list(source.trajectory)
+            found, taken = False, 0
+            while taken < limit and spent + cost <= self.config.max_optimizer_steps:
+                action = self._action(base, observation, rng)
+                observation, _, terminated, truncated, info = base.step(action)
+                spent, taken = spent + cost, taken + 1
+                trajectory.append([int(a) for a in action])
+                finished = bool(terminated or truncated)
+                cell, score = self.cell(base), _score(info["loss"])
+                if archive.accepts(cell, score, info["optimizer_steps"]):
+                    found |= archive.add(self._entry(base, observation, info, trajectory, finished, cell))
+                if finished:
+                    break
+            if found:  # look the cell up again: a custom cell function may have replaced `source`
+                archive[source.cell].times_improved += 1
+            history.append((spent, archive.best().loss))
+            if progress is not None:
+                progress(*history[-1])
+        best = archive.best()
+        return SearchResult(
+            method="go_explore",
+            allocation=dict(best.allocation),
+            optimizer_steps=spent,
+            loss=best.loss,
+            history=history,
+            trajectory=[list(a) for a in best.trajectory],
+        )
+
+    def _action(self, base: Any, observation: dict[str, np.ndarray], rng: np.random.Generator) -> np.ndarray:
+        masks = base.action_masks()
+        if self.policy is None:
+            return random_action(masks, rng, self.config.keep_probability)
+        action, _ = self.policy.predict(observation, action_masks=masks, deterministic=False)
+        return np.asarray(action, dtype=np.int64).reshape(-1)
+
+    def _entry(
+        self,
+        base: Any,
+        observation: dict[str, np.ndarray],
+        info: dict[str, Any],
+        trajectory: list[list[int]],
+        finished: bool,
+        cell: tuple[int, ...] | None = None,
+    ) -> CellEntry:
+        return CellEntry(
+            cell=cell if cell is not None else self.cell(base),
+            score=_score(info["loss"]),
+            loss=float(info["loss"]),
+            optimizer_steps=int(info["optimizer_steps"]),
+            trajectory=list(trajectory),
+            allocation=dict(info["allocation"]),
+            finished=finished,
+            snapshot=None if finished else base.get_state(),
+            observation=None if finished else {k: v.copy() for k, v in observation.items()},
+        )
+
+
+def _score(loss: float) -> float:
+    """-(loss); -inf when training diverged, so NaN never enters a comparison."""
+    return -float(loss) if math.isfinite(loss) else -math.inf

@@ -1,0 +1,164 @@
+"""Training PPO-family agents (SB3 PPO, A2C, sb3-contrib MaskablePPO) with the slot-shared policy."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from sb3_contrib import MaskablePPO
+from stable_baselines3 import A2C, PPO
+from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.callbacks import BaseCallback
+
+from agents.ppo.policy import MaskableSlotPolicy, SlotPolicy
+from strato_env.env import RankAllocationEnv
+
+ALGORITHMS = ("ppo", "maskable_ppo", "a2c")
+
+
+@dataclass
+class PPOConfig:
+    """Hyper-parameters of the PPO-family agents (names as in SB3 and the PPO paper)."""
+
+    algorithm: str = "maskable_ppo"
+    """'ppo' (SB3), 'maskable_ppo' (sb3-contrib, reads the env's action masks) or 'a2c' (SB3)."""
+    total_timesteps: int = 384
+    """Env steps (rank decisions) to train for."""
+    n_steps: int = 64
+    """Env steps per rollout before each update."""
+    batch_size: int = 32
+    """Minibatch size of the PPO update."""
+    n_epochs: int = 10
+    """Passes over each rollout (PPO)."""
+    learning_rate: float = 1e-3
+    """Adam learning rate of the policy."""
+    gamma: float = 0.99
+    """Discount factor."""
+    gae_lambda: float = 0.95
+    """GAE lambda."""
+    clip_range: float = 0.2
+    """PPO clipping coefficient."""
+    ent_coef: float = 0.01
+    """Entropy bonus."""
+    hidden: int = 64
+    """Width of the slot encoder and heads."""
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"ppo.algorithm={self.algorithm!r} is invalid: allowed {list(ALGORITHMS)}")
+        for name in ("total_timesteps", "n_steps", "batch_size", "n_epochs", "hidden"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"ppo.{name}={value!r} is invalid: expected an integer >= 1")
+        for name, low, high in (("learning_rate", 0, 1), ("gamma", 0, 1), ("gae_lambda", 0, 1), ("clip_range", 0, 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not low < value <= high:
+                raise ValueError(f"ppo.{name}={value!r} is invalid: expected a number in ({low}, {high}]")
+        if not isinstance(self.ent_coef, int | float) or self.ent_coef < 0:
+            raise ValueError(f"ppo.ent_coef={self.ent_coef!r} is invalid: expected a number >= 0")
+
+
+class RoundRobinEnv(gym.Env):
+    """Several instances behind one env: each reset moves to the next instance (as DACBench does)."""
+
+    def __init__(self, envs: Sequence[RankAllocationEnv]) -> None:
+        if not envs:
+            raise ValueError("RoundRobinEnv needs at least one env")
+        self.envs = list(envs)
+        self.observation_space = self.envs[0].observation_space
+        self.action_space = self.envs[0].action_space
+        for env in self.envs[1:]:
+            if env.observation_space != self.observation_space or env.action_space != self.action_space:
+                raise ValueError("all instances must share max_modules (same observation and action spaces)")
+        self.index = -1
+
+    @property
+    def current(self) -> RankAllocationEnv:
+        return self.envs[self.index]
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        if seed is not None:
+            for offset, env in enumerate(self.envs):
+                env.reset(seed=seed + offset)
+        self.index = (self.index + 1) % len(self.envs)
+        return self.current.reset(options=options) if seed is None else self.current.reset(seed=seed + self.index)
+
+    def step(self, action):
+        return self.current.step(action)
+
+    def action_masks(self) -> np.ndarray:
+        return self.current.action_masks()
+
+
+class EpisodeLog(BaseCallback):
+    """Collects one row per finished episode and hands it to `on_episode`."""
+
+    def __init__(self, on_episode: Callable[[dict[str, Any]], None]) -> None:
+        super().__init__()
+        self.on_episode = on_episode
+        self.returns: dict[int, float] = {}
+
+    def _on_step(self) -> bool:
+        for i, (reward, done, info) in enumerate(
+            zip(self.locals["rewards"], self.locals["dones"], self.locals["infos"], strict=True)
+        ):
+            self.returns[i] = self.returns.get(i, 0.0) + float(reward)
+            if done:
+                row = {
+                    "timesteps": self.num_timesteps,
+                    "return": self.returns.pop(i),
+                    "loss": info["loss"],
+                    "params": info["params"],
+                    "budget": info["budget"],
+                }
+                for key, value in row.items():
+                    if key != "timesteps":
+                        self.logger.record_mean(f"episode/{key}", value)
+                self.on_episode(row)
+        return True
+
+
+def build_algorithm(config: PPOConfig, env: gym.Env, seed: int, tensorboard_log: str | None = None) -> BaseAlgorithm:
+    common = {
+        "learning_rate": config.learning_rate,
+        "n_steps": config.n_steps,
+        "gamma": config.gamma,
+        "gae_lambda": config.gae_lambda,
+        "ent_coef": config.ent_coef,
+        "seed": seed,
+        "verbose": 0,
+        "tensorboard_log": tensorboard_log,
+        "device": "cpu",
+        "policy_kwargs": {"hidden": config.hidden},
+    }
+    if config.algorithm == "a2c":
+        return A2C(SlotPolicy, env, **common)
+    ppo_only = {"batch_size": config.batch_size, "n_epochs": config.n_epochs, "clip_range": config.clip_range}
+    policy = MaskableSlotPolicy if config.algorithm == "maskable_ppo" else SlotPolicy
+    return ALGORITHM_CLASSES[config.algorithm](policy, env, **common, **ppo_only)
+
+
+ALGORITHM_CLASSES: dict[str, type[BaseAlgorithm]] = {"ppo": PPO, "maskable_ppo": MaskablePPO, "a2c": A2C}
+
+
+def save_policy(model: BaseAlgorithm, path: str) -> None:
+    """SB3's `.zip`, plus a small `strato.json` entry naming the algorithm so `load_policy` needs no hint."""
+    name = next(key for key, cls in ALGORITHM_CLASSES.items() if type(model) is cls)
+    model.save(path)
+    with zipfile.ZipFile(path, "a") as archive:
+        archive.writestr("strato.json", json.dumps({"algorithm": name}))
+
+
+def load_policy(path: str, env: gym.Env | None = None) -> BaseAlgorithm:
+    """Load a policy written by `save_policy` (PPO, A2C or MaskablePPO)."""
+    with zipfile.ZipFile(path) as archive:
+        if "strato.json" not in archive.namelist():
+            raise ValueError(f"{path} was not written by strato (no strato.json entry naming its algorithm)")
+        name = json.loads(archive.read("strato.json"))["algorithm"]
+    return ALGORITHM_CLASSES[name].load(path, env=env, device="cpu")

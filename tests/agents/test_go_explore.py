@@ -1,0 +1,173 @@
+"""Go-Explore: budget and cost accounting, exact returns and replays, count-based selection, determinism, JSON."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import pytest
+
+from agents.go_explore import (
+    Archive,
+    CellEntry,
+    DepthProfileCell,
+    GoExplore,
+    GoExploreConfig,
+    random_action,
+)
+from strato_env.env import KEEP, RankAllocationEnv
+
+SEED = 3
+BUDGET = 8  # optimizer steps: 4 env steps of inner_steps=2
+
+
+@pytest.fixture(scope="module")
+def env() -> RankAllocationEnv:
+    return RankAllocationEnv(decisions=4, inner_steps=2)
+
+
+def _run(env: RankAllocationEnv, config: GoExploreConfig, policy: Any = None) -> tuple[GoExplore, Any, int]:
+    """Run a search, counting the env steps it really takes."""
+    calls = []
+    original = env.step
+
+    def counting_step(action: np.ndarray) -> Any:
+        calls.append(1)
+        return original(action)
+
+    env.step = counting_step  # type: ignore[method-assign]
+    try:
+        agent = GoExplore(config, policy=policy)
+        progress: list[tuple[int, float]] = []
+        result = agent.run(env, seed=SEED, progress=lambda steps, loss: progress.append((steps, loss)))
+    finally:
+        del env.step
+    assert progress == result.history
+    return agent, result, len(calls)
+
+
+@pytest.fixture(scope="module")
+def searched(env: RankAllocationEnv) -> tuple[GoExplore, Any, int]:
+    return _run(env, GoExploreConfig(max_optimizer_steps=BUDGET, explore_steps=2))
+
+
+def test_run_stays_within_budget_and_on_the_ladder(env: RankAllocationEnv, searched: Any) -> None:
+    agent, result, steps_taken = searched
+    assert result.method == "go_explore"
+    # The root cell is never finished, so the search runs until the budget is exactly used up.
+    assert result.optimizer_steps == steps_taken * env.config.inner_steps == BUDGET
+    assert set(result.allocation) == {m.name for m in env.modules}
+    assert all(rank in env.ladder for rank in result.allocation.values())
+    assert env.params_of(result.allocation) <= env.budget
+    spent = [steps for steps, _ in result.history]
+    assert spent == sorted(spent) and spent[-1] == BUDGET
+    assert result.loss == result.history[-1][1]
+    assert len(agent.archive) >= 2 and sum(e.times_chosen for e in agent.archive) == len(result.history)
+
+
+def test_returning_and_replaying_reproduce_recorded_losses(env: RankAllocationEnv, searched: Any) -> None:
+    agent, result, _ = searched
+    returnable = [e for e in agent.archive if e.snapshot is not None and e.trajectory]
+    assert returnable, "the search should archive at least one explorable cell after the root"
+    for entry in returnable:
+        env.set_state(entry.snapshot)
+        assert env.evaluate_loss() == entry.loss == -entry.score
+        assert agent.cell(env) == entry.cell
+        assert env.lora.ranks == entry.allocation
+    best = agent.archive.best()
+    assert best.trajectory == result.trajectory and best.loss == result.loss
+    env.reset(seed=SEED)
+    for action in result.trajectory:
+        *_, info = env.step(np.array(action))
+    assert info["loss"] == result.loss
+    assert info["allocation"] == result.allocation
+    assert info["optimizer_steps"] == best.optimizer_steps == len(result.trajectory) * env.config.inner_steps
+
+
+def _entry(cell: tuple[int, ...], score: float, steps: int = 0, finished: bool = False, chosen: int = 0) -> CellEntry:
+    return CellEntry(cell, score, -score, steps, [], {}, finished, times_chosen=chosen)
+
+
+def test_selection_prefers_rarely_chosen_cells() -> None:
+    archive = Archive(improvement_bonus=0.0)
+    archive.add(_entry((0,), -1.0, chosen=0))
+    archive.add(_entry((1,), -1.0, chosen=100))
+    archive.add(_entry((2,), -0.5, finished=True))  # finished: never explored from
+    rng = np.random.default_rng(0)
+    draws = [archive.select(rng).cell for _ in range(2000)]
+    assert draws.count((2,)) == 0
+    # Weights 1 and 1/sqrt(101): the fresh cell should take about 91% of the draws.
+    assert draws.count((0,)) > 5 * draws.count((1,)) > 0
+    archive[(1,)].times_chosen = 0
+    draws = [archive.select(rng).cell for _ in range(2000)]
+    assert 800 < draws.count((0,)) < 1200
+
+
+def test_archive_keeps_best_trajectory_per_cell_and_prefers_finished_results() -> None:
+    archive = Archive()
+    assert archive.add(_entry((1,), -2.0, steps=4))
+    archive[(1,)].times_chosen = 7
+    assert not archive.add(_entry((1,), -3.0, steps=2))  # worse score
+    assert not archive.add(_entry((1,), -2.0, steps=6))  # same score, more steps
+    assert archive.add(_entry((1,), -2.0, steps=2))  # same score, fewer steps
+    assert archive[(1,)].optimizer_steps == 2 and archive[(1,)].times_chosen == 7
+    assert archive.best().cell == (1,)
+    archive.add(_entry((2,), -9.0, finished=True))
+    archive.add(_entry((3,), -float("inf"), finished=True))  # diverged
+    assert archive.best().cell == (2,)
+
+
+def test_same_seed_same_result_and_json_round_trip(env: RankAllocationEnv, searched: Any, tmp_path: Any) -> None:
+    agent, result, _ = searched
+    again = GoExplore(GoExploreConfig(max_optimizer_steps=BUDGET, explore_steps=2)).run(env, seed=SEED)
+    assert again == result
+    path = tmp_path / "archive.json"
+    agent.archive.save(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["archive.json"]  # no temporary file left behind
+    loaded = Archive.load(path)
+    assert list(loaded.entries) == list(agent.archive.entries)
+    assert list(loaded) == list(agent.archive)  # snapshots are not compared (and not saved)
+    assert all(e.snapshot is None for e in loaded)
+    assert loaded.metadata["seed"] == SEED and loaded.best().trajectory == result.trajectory
+    path.write_text(json.dumps({"format": "something else"}))
+    with pytest.raises(ValueError, match="not a Go-Explore archive"):
+        Archive.load(path)
+
+
+class KeepPolicy:
+    """A duck-typed policy that always keeps and records the masks it was given."""
+
+    def __init__(self) -> None:
+        self.masks: list[np.ndarray] = []
+
+    def predict(self, observation: Any, action_masks: np.ndarray, deterministic: bool = True) -> tuple[Any, None]:
+        self.masks.append(action_masks)
+        return np.full(len(action_masks) // 3, KEEP), None
+
+
+def test_policy_drives_exploration(env: RankAllocationEnv) -> None:
+    policy = KeepPolicy()
+    _, result, steps_taken = _run(env, GoExploreConfig(max_optimizer_steps=3, explore_steps=None), policy)
+    assert len(policy.masks) == steps_taken == 1
+    assert all(set(action) == {KEEP} for action in result.trajectory)
+    assert set(result.allocation.values()) == {env.config.initial_rank}
+
+
+def test_random_action_respects_masks() -> None:
+    masks = np.array([[True, True, True], [False, True, True], [True, True, False], [False, True, False]])
+    rng = np.random.default_rng(0)
+    actions = np.array([random_action(masks.reshape(-1), rng, keep_probability=0.3) for _ in range(200)])
+    assert all(masks[slot, move] for row in actions for slot, move in enumerate(row))
+    assert set(actions[:, 0]) == {0, 1, 2} and set(actions[:, 3]) == {KEEP}
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("max_optimizer_steps", 0), ("explore_steps", 0), ("keep_probability", 1.5), ("improvement_bonus", -1.0)],
+)
+def test_config_rejects_bad_values(field: str, value: Any) -> None:
+    with pytest.raises(ValueError, match=f"{field}={value!r} is invalid"):
+        GoExploreConfig(**{field: value})
+    with pytest.raises(ValueError, match="depth_bins=0 is invalid"):
+        DepthProfileCell(depth_bins=0)
