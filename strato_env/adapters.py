@@ -73,6 +73,10 @@ class DynamicLora:
         self.weight_decay = weight_decay
         self.optimizer = self._new_optimizer()
 
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.peft_model.parameters())).device
+
     # ---- shapes -------------------------------------------------------------------------------------------
     @property
     def ranks(self) -> dict[str, int]:

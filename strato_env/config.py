@@ -107,6 +107,9 @@ class EnvConfig:
     """AdamW weight decay of the LoRA factors."""
     divergence_penalty: float = 1.0
     """Reward subtracted on the step where the loss becomes NaN/inf (the episode then terminates)."""
+    probe_steps: int = 10
+    """Optimizer steps of the once-per-instance probe of each module alone (0: no probe, importance is the
+    plain gradient norm)."""
     importance_smoothing: float = 0.7
     """Weight of the previous importance in its exponential moving average."""
     device: str = "cpu"
@@ -137,6 +140,8 @@ class EnvConfig:
         for name in ("decisions", "inner_steps", "max_modules", "batch_size"):
             _check_positive_int(name, getattr(self, name))
         _check_positive_float("learning_rate", self.learning_rate)
+        if isinstance(self.probe_steps, bool) or not isinstance(self.probe_steps, int) or self.probe_steps < 0:
+            _fail("probe_steps", self.probe_steps, "expected an integer >= 0")
         for name in ("cost_weight", "weight_decay", "divergence_penalty"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:

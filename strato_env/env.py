@@ -14,7 +14,7 @@ from gymnasium import spaces
 from strato_env.adapters import DynamicLora
 from strato_env.config import EnvConfig
 from strato_env.costs import allocation_cost, cheapest_nonempty
-from strato_env.importance import WeightGradients, normalized, probe_importance
+from strato_env.importance import WeightGradients, gradient_norms, normalized, probe_gains
 from strato_env.instance import fresh_model, get_instance
 from strato_env.models import MODULE_KINDS
 
@@ -25,7 +25,7 @@ GLOBAL_FEATURES = 4
 LOSS_RATIO_MAX = 10.0
 
 # Results that depend only on the instance and the training protocol, shared by every env of a process.
-_PROBE_CACHE: dict[str, np.ndarray] = {}
+_PROBE_CACHE: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 _ORACLE_CACHE: dict[str, float] = {}
 
 
@@ -54,7 +54,7 @@ class RankAllocationEnv(gym.Env):
 
     | modules[:, i] | meaning                                                   | bounds  |
     |---------------|-----------------------------------------------------------|---------|
-    | 0             | importance: smoothed norm of dL/dW, divided by the max    | [0, 1]  |
+    | 0             | importance: probe gain x remaining dL/dW share, min-max scaled | [0, 1] |
     | 1             | rank / r_max                                              | [0, 1]  |
     | 2             | parameters per unit of rank / B                           | [0, 1]  |
     | 3             | relative depth (layer / (layers - 1))                     | [0, 1]  |
@@ -95,7 +95,8 @@ class RankAllocationEnv(gym.Env):
     | budget          | None         | B in parameters; None: the oracle's count (planted) or uniform rank 4 |
     | cost_weight     | 0.01         | lambda of the reward                                            |
     | decisions       | 8            | decisions per episode                                           |
-    | inner_steps     | 10           | optimizer steps per decision                                    |
+    | inner_steps     | 20           | optimizer steps per decision                                    |
+    | probe_steps     | 10           | steps of the once-per-instance probe of each module alone       |
     | ...             |              | every other field of `strato_env.config.EnvConfig`              |
 
     `info` holds `loss`, `initial_loss`, `params`, `budget`, `flops_per_token`, `adapter_bytes`,
@@ -155,7 +156,7 @@ class RankAllocationEnv(gym.Env):
             }
         )
         self._episode: dict[str, Any] | None = None
-        self._probe = self._cached_probe()
+        self._base_gradients, self._probe_gains = self._cached_probe()
         self.oracle_loss = self._cached_oracle_loss()
 
     # ---- validation and instance-level caches -------------------------------------------------------------
@@ -184,12 +185,22 @@ class RankAllocationEnv(gym.Env):
             f"{c.learning_rate}|{c.weight_decay}"
         )
 
-    def _cached_probe(self) -> np.ndarray:
-        key = f"{self.instance.key}|{self.config.batch_size}"
+    def _cached_probe(self) -> tuple[np.ndarray, np.ndarray]:
+        """(||dL/dW|| at the base model, probe gain per module): depend on the instance only, so paid once."""
+        c = self.config
+        key = f"{self._protocol_key()}|{c.probe_steps}"
         if key not in _PROBE_CACHE:
+            n = self.data.train_size
+            batches = [
+                {k: v[torch.arange(i * c.batch_size, (i + 1) * c.batch_size) % n] for k, v in self.data.train.items()}
+                for i in range(max(c.probe_steps, 1))
+            ]
             self.lora.reinitialize({})
-            batch = {k: v[: self.config.batch_size] for k, v in self.data.train.items()}
-            _PROBE_CACHE[key] = probe_importance(self.model, self._base_weights, self.data.loss, batch)
+            norms = gradient_norms(self.model, self._base_weights, self.data.loss, batches[0])
+            gains = norms
+            if c.probe_steps:
+                gains = probe_gains(self.lora, self.ladder[-1], batches, self.data.loss, self.evaluate_loss)
+            _PROBE_CACHE[key] = (norms, gains)
         return _PROBE_CACHE[key]
 
     def _cached_oracle_loss(self) -> float | None:
@@ -249,7 +260,7 @@ class RankAllocationEnv(gym.Env):
             "initial_loss": initial_loss,
             "loss": initial_loss,
             "last_gain": 0.0,
-            "importance": self._probe.copy(),
+            "gradients": self._base_gradients.copy(),
             "diverged": False,
         }
 
@@ -296,7 +307,7 @@ class RankAllocationEnv(gym.Env):
                     self.lora.optimizer.zero_grad(set_to_none=True)
                 if last:
                     smoothing = self.config.importance_smoothing
-                    episode["importance"] = smoothing * episode["importance"] + (1 - smoothing) * gradients.norms()
+                    episode["gradients"] = smoothing * episode["gradients"] + (1 - smoothing) * gradients.norms()
             episode["optimizer_steps"] += 1
 
     def step(self, action: np.ndarray):
@@ -357,7 +368,9 @@ class RankAllocationEnv(gym.Env):
         episode = self._episode
         modules = self._static_features.copy()
         n = len(self.modules)
-        modules[:n, 0] = normalized(episode["importance"])
+        remaining = np.divide(episode["gradients"], self._base_gradients, out=np.zeros(n),
+                              where=self._base_gradients > 0)
+        modules[:n, 0] = normalized(self._probe_gains * remaining)
         modules[:n, 1] = np.array(list(self.lora.ranks.values())) / self.ladder[-1]
         ratio = episode["loss"] / episode["initial_loss"] if episode["initial_loss"] > 0 else 0.0
         global_ = np.array(
@@ -397,7 +410,7 @@ class RankAllocationEnv(gym.Env):
             raise RuntimeError("call reset() before get_state()")
         episode = dict(self._episode)
         episode["order"] = episode["order"].copy()
-        episode["importance"] = episode["importance"].copy()
+        episode["gradients"] = episode["gradients"].copy()
         return {
             "episode": episode,
             "lora": self.lora.snapshot(),
@@ -408,7 +421,7 @@ class RankAllocationEnv(gym.Env):
     def set_state(self, state: dict[str, Any]) -> None:
         episode = dict(state["episode"])
         episode["order"] = episode["order"].copy()
-        episode["importance"] = episode["importance"].copy()
+        episode["gradients"] = episode["gradients"].copy()
         self._episode = episode
         self.lora.restore(state["lora"])
         self.np_random.bit_generator.state = state["np_random"]

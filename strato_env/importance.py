@@ -1,9 +1,10 @@
-"""Layer sensitivity: the norm of the loss gradient with respect to each target module's weight.
+"""Layer sensitivity: what adapting each module can still gain.
 
-||dL/dW||_F is the rate at which one unit of update in that module can lower the loss, whether or not the
-module is adapted yet. The env measures it on one training batch per decision (the weight gradients
-ride along that step's backward pass) and smooths it; at reset it uses a probe that depends only on the
-base model, so it is computed once per instance.
+Two measurements, combined by the env. Once per instance, a *probe* trains a LoRA update on each module
+alone for a few steps and records the relative loss drop: how much that module can gain on its own.
+While training, the norm of the loss gradient with respect to each module's weight, ||dL/dW||_F, is read
+on one batch per decision (the weight gradients ride along that step's backward pass); its ratio to the
+value at the start says how much of the module's sensitivity remains. Importance = probe gain x that ratio.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from strato_env.adapters import DynamicLora
 from strato_env.tasks.base import Batch
 
 
@@ -39,13 +41,13 @@ class WeightGradients:
         return values.double().cpu().numpy()
 
 
-def probe_importance(
+def gradient_norms(
     model: nn.Module,
     weights: Sequence[nn.Parameter],
     loss: Callable[[nn.Module, Batch], torch.Tensor],
     batch: Batch,
 ) -> np.ndarray:
-    """Gradient norms per module on one batch, without any optimizer step."""
+    """||dL/dW||_F per module on one batch, without any optimizer step."""
     with WeightGradients(weights) as gradients:
         loss(model, batch).backward()
         norms = gradients.norms()
@@ -54,7 +56,28 @@ def probe_importance(
     return norms
 
 
+def probe_gains(
+    lora: DynamicLora, rank: int, batches: Sequence[Batch], loss: Callable[[nn.Module, Batch], torch.Tensor],
+    evaluate: Callable[[], float],
+) -> np.ndarray:
+    """Relative loss drop of a rank-`rank` update on each module alone after one step per batch."""
+    initial = evaluate()
+    gains = []
+    for name in lora.layers:
+        lora.reinitialize({name: rank}, torch.Generator(lora.device).manual_seed(0))
+        for batch in batches:
+            loss(lora.peft_model, batch).backward()
+            lora.optimizer.step()
+            lora.optimizer.zero_grad(set_to_none=True)
+        drop = (initial - evaluate()) / initial if initial > 0 else 0.0
+        gains.append(max(drop, 0.0) if np.isfinite(drop) else 0.0)
+    lora.reinitialize({})
+    return np.array(gains)
+
+
 def normalized(values: np.ndarray) -> np.ndarray:
-    """Scale-free importance in [0, 1]: divided by the largest module's value."""
-    top = float(np.max(values)) if len(values) else 0.0
-    return values / top if top > 0 and np.isfinite(top) else np.zeros_like(values)
+    """Scale-free importance in [0, 1]: min-max scaled over the modules (all 0 when they are equal)."""
+    if len(values) == 0 or not np.all(np.isfinite(values)):
+        return np.zeros_like(values)
+    low, high = float(np.min(values)), float(np.max(values))
+    return (values - low) / (high - low) if high > low else np.zeros_like(values)

@@ -1,0 +1,418 @@
+"""Baselines for the rank-allocation problem: uniform LoRA, random search, greedy by importance, AdaLoRA, Optuna TPE.
+
+Every baseline is `name(env, seed=0, max_optimizer_steps=None, **options) -> SearchResult`: given an
+instance and a budget (`env`), return an allocation within `env.budget` and the optimizer steps spent
+finding it. One static trial costs one episode, `decisions * inner_steps` steps (`env.evaluate_allocation`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import optuna
+import torch
+from gymnasium.utils import seeding
+from peft import AdaLoraConfig, PeftModel, get_peft_model
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from agents.result import SearchResult
+from strato_env.adapters import ADAPTER
+from strato_env.costs import uniform_rank_for_budget
+from strato_env.env import KEEP, MODULE_FEATURES, RankAllocationEnv
+from strato_env.instance import fresh_model
+
+DEFAULT_TRIALS = 4
+"""Static trials that random search and TPE run when `max_optimizer_steps` is None."""
+
+
+@dataclass
+class AdaLoraResult(SearchResult):
+    """A SearchResult plus what AdaLoRA itself ended with, before mapping to the ladder."""
+
+    raw_ranks: dict[str, int] = field(default_factory=dict)
+    """Kept singular triplets per module (the count of True in `rank_pattern`)."""
+    rank_pattern: dict[str, list[bool]] = field(default_factory=dict)
+    """peft's final rank mask per module (True = triplet kept)."""
+    singular_values: dict[str, list[float]] = field(default_factory=dict)
+    """Final `lora_E` entries per module; masked triplets are exactly 0."""
+
+
+# ---- option validation ------------------------------------------------------------------------------------
+def _options(method: str, given: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown option {unknown[0]!r} for baseline {method!r}; allowed: {sorted(defaults)}")
+    return {**defaults, **given}
+
+
+def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
+    bad = isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high)
+    if bad:
+        allowed = f"an integer in [{low}, {high}]" if high is not None else f"an integer >= {low}"
+        raise ValueError(f"{name}={value!r} is invalid: expected {allowed}")
+
+
+def _check_fraction(name: str, value: Any, low: float, high: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value < high:
+        raise ValueError(f"{name}={value!r} is invalid: expected a number in [{low}, {high})")
+
+
+def _episode_steps(env: RankAllocationEnv) -> int:
+    return env.config.decisions * env.config.inner_steps
+
+
+def _step_limit(max_optimizer_steps: int | None, default: int) -> int:
+    if max_optimizer_steps is None:
+        return default
+    _check_int("max_optimizer_steps", max_optimizer_steps, 0)
+    return max_optimizer_steps
+
+
+# ---- shared pieces ----------------------------------------------------------------------------------------
+class _StaticTrials:
+    """Runs static trials (one episode each) within a step limit; tracks cost, best allocation and history."""
+
+    def __init__(self, env: RankAllocationEnv, seed: int, max_optimizer_steps: int | None) -> None:
+        self.env, self.seed = env, seed
+        self.episode = _episode_steps(env)
+        self.limit = _step_limit(max_optimizer_steps, DEFAULT_TRIALS * self.episode)
+        if self.limit < self.episode:
+            raise ValueError(
+                f"max_optimizer_steps={max_optimizer_steps} allows no trial: one trial is an episode of "
+                f"{self.episode} steps; allowed: >= {self.episode} or None"
+            )
+        self.steps = 0
+        self.best: dict[str, int] | None = None
+        self.best_loss = math.inf
+        self.history: list[tuple[int, float]] = []
+        self._cache: dict[tuple[int, ...], float] = {}
+
+    def affordable(self) -> bool:
+        return self.steps + self.episode <= self.limit
+
+    def evaluate(self, allocation: dict[str, int]) -> float:
+        """The final loss of `allocation`; a repeated allocation is looked up and costs no steps."""
+        key = tuple(allocation[m.name] for m in self.env.modules)
+        if key not in self._cache:
+            self._cache[key] = self.env.evaluate_allocation(allocation, seed=self.seed)
+            self.steps += self.episode
+        loss = self._cache[key] if math.isfinite(self._cache[key]) else math.inf  # a diverged run ranks last
+        if self.best is None or loss < self.best_loss:
+            self.best, self.best_loss = dict(allocation), loss
+        self.history.append((self.steps, self.best_loss))
+        return loss
+
+    def result(self, method: str) -> SearchResult:
+        if self.best is None:
+            raise RuntimeError(f"{method} evaluated no allocation within budget")
+        return SearchResult(method, self.best, self.steps, self.best_loss, list(self.history))
+
+
+def _grow_cost(env: RankAllocationEnv, slot: int, index: list[int]) -> int:
+    """Parameters added by growing module `slot` one ladder step from ladder index `index[slot]`."""
+    step = env.ladder[index[slot] + 1] - env.ladder[index[slot]]
+    return step * env.modules[slot].params_per_rank
+
+
+def _allocation(env: RankAllocationEnv, index: list[int]) -> dict[str, int]:
+    return {m.name: env.ladder[i] for m, i in zip(env.modules, index, strict=True)}
+
+
+def _fill(env: RankAllocationEnv, index: list[int], choose: Callable[[list[int]], int]) -> list[int]:
+    """Grow one ladder step at a time, module `choose(fitting slots)`, until no grow fits the budget."""
+    params = env.params_of(_allocation(env, index))
+
+    def fits(slot: int) -> bool:
+        return index[slot] + 1 < len(env.ladder) and params + _grow_cost(env, slot, index) <= env.budget
+
+    while fitting := [slot for slot in range(len(index)) if fits(slot)]:
+        slot = choose(fitting)
+        params += _grow_cost(env, slot, index)
+        index[slot] += 1
+    return index
+
+
+# ---- uniform, random, greedy ------------------------------------------------------------------------------
+def uniform(
+    env: RankAllocationEnv, seed: int = 0, max_optimizer_steps: int | None = None, **options: Any
+) -> SearchResult:
+    """The largest integer rank r that fits the budget on every module (any integer, not only ladder ranks).
+
+    No search: 0 optimizer steps and no loss (evaluate it with `env.evaluate_allocation`).
+    """
+    _options("uniform", options, {})
+    _step_limit(max_optimizer_steps, 0)
+    rank = uniform_rank_for_budget(env.modules, env.budget - env.lora.extra_params)
+    return SearchResult("uniform", {m.name: rank for m in env.modules}, 0)
+
+
+def random_allocation(env: RankAllocationEnv, rng: np.random.Generator) -> dict[str, int]:
+    """A random ladder allocation that fills the budget.
+
+    Draw a ladder index per module uniformly; while over budget shrink a random adapted module by one step;
+    then grow random modules by one step while any grow fits (so no budget is left unused by chance).
+    """
+    index = [int(i) for i in rng.integers(len(env.ladder), size=len(env.modules))]
+    while env.params_of(_allocation(env, index)) > env.budget:
+        index[int(rng.choice([slot for slot, i in enumerate(index) if i > 0]))] -= 1
+    return _allocation(env, _fill(env, index, lambda fitting: int(rng.choice(fitting))))
+
+
+def random_search(
+    env: RankAllocationEnv, seed: int = 0, max_optimizer_steps: int | None = None, **options: Any
+) -> SearchResult:
+    """Best of random budget-filling allocations (`random_allocation`), one full static trial each.
+
+    Options: `max_proposals` (default 1000) caps the draws, since a repeated draw costs no steps.
+    """
+    settings = _options("random", options, {"max_proposals": 1000})
+    _check_int("max_proposals", settings["max_proposals"], 1)
+    trials = _StaticTrials(env, seed, max_optimizer_steps)
+    rng = np.random.default_rng(seed)
+    for _ in range(settings["max_proposals"]):
+        if not trials.affordable():
+            break
+        trials.evaluate(random_allocation(env, rng))
+    return trials.result("random")
+
+
+def greedy(
+    env: RankAllocationEnv, seed: int = 0, max_optimizer_steps: int | None = None, **options: Any
+) -> SearchResult:
+    """Greedy by importance: the env's own per-module importance signal (observation feature 0).
+
+    Rule: start from rank 0 everywhere and repeatedly grow, by one ladder step, the most important module
+    whose grow still fits the budget (ties: the earlier module); stop when no grow fits.
+    The importance is read after `reset(seed)` (the instance's cached probe, no optimizer step here) or, with
+    option `probe_decisions=k` (default 0), after k decisions that keep every module at the smallest nonzero
+    ladder rank (k * inner_steps optimizer steps, counted). The env's current episode is restored.
+    """
+    settings = _options("greedy", options, {"probe_decisions": 0})
+    probe = settings["probe_decisions"]
+    _check_int("probe_decisions", probe, 0, env.config.decisions)
+    steps = probe * env.config.inner_steps
+    limit = _step_limit(max_optimizer_steps, steps)
+    if steps > limit:
+        raise ValueError(
+            f"max_optimizer_steps={max_optimizer_steps} is invalid: probe_decisions={probe} needs {steps} steps"
+        )
+    smallest = {m.name: env.ladder[1] for m in env.modules}
+    start = smallest if probe and env.params_of(smallest) <= env.budget else {}
+    try:
+        saved = env.get_state()  # restored below, as evaluate_allocation does
+    except RuntimeError:  # no episode yet
+        saved = None
+    try:
+        observation, info = env.reset(seed=seed, options={"allocation": start})
+        for _ in range(probe):
+            observation, _, terminated, truncated, info = env.step(np.full(env.config.max_modules, KEEP))
+            if terminated or truncated:
+                break
+    finally:
+        if saved is not None:
+            env.set_state(saved)
+    importance = observation["modules"].reshape(env.config.max_modules, MODULE_FEATURES)[: len(env.modules), 0]
+    index = _fill(env, [0] * len(env.modules), lambda fitting: max(fitting, key=lambda slot: importance[slot]))
+    return SearchResult("greedy", _allocation(env, index), int(info["optimizer_steps"]))
+
+
+# ---- AdaLoRA ------------------------------------------------------------------------------------------------
+def _orthogonal_regularization(model: nn.Module) -> torch.Tensor:
+    """AdaLoRA's R(P, Q) = mean over factors of ||A A^T - I||_F and ||B^T B - I||_F (as peft computes it)."""
+    terms = []
+    for name, parameter in model.named_parameters():
+        if f".lora_A.{ADAPTER}" in name or f".lora_B.{ADAPTER}" in name:
+            covariance = parameter @ parameter.T if ".lora_A." in name else parameter.T @ parameter
+            identity = torch.eye(covariance.shape[0], dtype=covariance.dtype, device=covariance.device)
+            terms.append(torch.linalg.matrix_norm(covariance - identity))
+    return torch.stack(terms).mean()
+
+
+@torch.no_grad()
+def _evaluation_loss(env: RankAllocationEnv, model: nn.Module) -> float:
+    """`env.evaluate_loss` for another model: the task loss on the fixed evaluation set, batched alike."""
+    size = len(next(iter(env.data.eval.values())))
+    total = 0.0
+    for start in range(0, size, env.config.batch_size):
+        batch = {k: v[start : start + env.config.batch_size] for k, v in env.data.eval.items()}
+        total += float(env.data.loss(model, batch)) * len(batch["input_ids"])
+    return total / size
+
+
+def _to_ladder(env: RankAllocationEnv, raw: dict[str, int], singular_values: dict[str, list[float]]) -> dict[str, int]:
+    """Round each raw rank down to the ladder; while over budget, step down the module that loses the least
+    |singular value| mass per parameter freed (AdaLoRA budgets ranks, not parameters)."""
+    ladder = env.ladder
+    allocation = {name: max(r for r in ladder if r <= rank) for name, rank in raw.items()}
+    per_rank = {m.name: m.params_per_rank for m in env.modules}
+
+    def loss_per_param(name: str) -> float:
+        rank = allocation[name]
+        lower = ladder[ladder.index(rank) - 1]
+        kept = sorted((abs(v) for v in singular_values[name] if v != 0), reverse=True)
+        return sum(kept[lower:rank]) / ((rank - lower) * per_rank[name])
+
+    while env.params_of(allocation) > env.budget:
+        name = min((n for n, r in allocation.items() if r > 0), key=loss_per_param)
+        allocation[name] = ladder[ladder.index(allocation[name]) - 1]
+    return allocation
+
+
+def _train_adalora(
+    env: RankAllocationEnv, config: AdaLoraConfig, target_total: int, seed: int, orth_reg_weight: float
+) -> PeftModel:
+    """peft AdaLoRA on a fresh copy of the base model, trained for `config.total_step` steps on the env's task."""
+    # The initialisation seed and data order that an env episode from `seed` uses (see env._start_episode).
+    rng, _ = seeding.np_random(seed)
+    torch_seed = int(rng.integers(2**62))
+    batch_size, pool = env.config.batch_size, env.data.train_size
+    total_step = config.total_step
+    order = np.concatenate([rng.permutation(pool) for _ in range(math.ceil(total_step * batch_size / pool))])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(torch_seed)
+        model = get_peft_model(fresh_model(env.instance), config)
+    model.base_model.rankallocator.target_bgt = target_total  # finer than peft's target_r * modules
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=env.config.learning_rate,
+        weight_decay=env.config.weight_decay,
+    )
+    for step in range(1, total_step + 1):
+        rows = torch.as_tensor(order[(step - 1) * batch_size : step * batch_size], device=env.config.device)
+        batch = {k: v[rows] for k, v in env.data.train.items()}
+        loss = env.data.loss(model, batch) + orth_reg_weight * _orthogonal_regularization(model)
+        loss.backward()
+        optimizer.step()
+        model.base_model.update_and_allocate(step)  # after step, before zero_grad: it reads the gradients
+        optimizer.zero_grad(set_to_none=True)
+    return model
+
+
+def adalora(
+    env: RankAllocationEnv, seed: int = 0, max_optimizer_steps: int | None = None, **options: Any
+) -> AdaLoraResult:
+    """peft's AdaLoRA trained for one episode on the env's task; its final ranks mapped to the ladder.
+
+    - `init_r` (default r_max / 2, or r_max if the budget's average rank reaches that); `lora_alpha = init_r`
+      so the update's scaling is 1 as in the env. AdaLoRA budgets total rank, not parameters: its allocator's
+      `target_bgt` is set to `(budget - extra params) / mean parameters per rank` (peft's integer `target_r`
+      is that divided by the module count, rounded down).
+    - Schedule: `total_step` = episode length (or `max_optimizer_steps` if smaller), `tinit = tinit_fraction *
+      total_step` (0.1), `tfinal = max(1, tfinal_fraction * total_step)` (0.3), `deltaT = delta_t` (1);
+      `update_and_allocate(step)` after every optimizer step, steps numbered from 1 so the final masking at
+      `total_step - tfinal` happens.
+    - Training: AdamW at the env's learning rate, batches in the order an env episode from `seed` draws;
+      loss = task loss + `orth_reg_weight` (0.5) x AdaLoRA's orthogonal regularizer. peft adds that term only
+      to `outputs.loss` inside forward, and task losses are computed outside it, so peft's weight is 0 and
+      the same term is added here, for every task.
+    - Read-back: raw rank = kept triplets of peft's final `rank_pattern`; see `_to_ladder`.
+
+    `loss` is AdaLoRA's own evaluation loss at the end of its run (not that of the ladder allocation).
+    """
+    settings = _options(
+        "adalora",
+        options,
+        {"init_r": None, "tinit_fraction": 0.1, "tfinal_fraction": 0.3, "delta_t": 1, "orth_reg_weight": 0.5},
+    )
+    n = len(env.modules)
+    total_rank = (env.budget - env.lora.extra_params) * n // sum(m.params_per_rank for m in env.modules)
+    r_max = env.ladder[-1]
+    init_r = settings["init_r"]
+    if init_r is None:
+        half = min(r for r in env.ladder if r >= r_max / 2)
+        init_r = half if total_rank < half * n else r_max
+    _check_int("init_r", init_r, 1)
+    _check_fraction("tinit_fraction", settings["tinit_fraction"], 0.0, 1.0)
+    _check_fraction("tfinal_fraction", settings["tfinal_fraction"], 0.0, 1.0)
+    _check_int("delta_t", settings["delta_t"], 1)
+    _check_fraction("orth_reg_weight", settings["orth_reg_weight"], 0.0, math.inf)
+    total_step = min(_episode_steps(env), _step_limit(max_optimizer_steps, _episode_steps(env)))
+    tinit = int(settings["tinit_fraction"] * total_step)
+    tfinal = max(1, int(settings["tfinal_fraction"] * total_step))
+    if tinit >= total_step - tfinal:
+        raise ValueError(
+            f"max_optimizer_steps={max_optimizer_steps}, tinit_fraction={settings['tinit_fraction']} and "
+            f"tfinal_fraction={settings['tfinal_fraction']} leave AdaLoRA no budgeting phase ({total_step} steps, "
+            f"tinit={tinit}, tfinal={tfinal}); allowed: tinit < total_step - tfinal"
+        )
+    target_total = min(total_rank, init_r * n - 1)  # peft needs at least one triplet to prune
+
+    config = AdaLoraConfig(
+        init_r=init_r,
+        target_r=target_total // n,
+        lora_alpha=init_r,
+        lora_dropout=0.0,
+        tinit=tinit,
+        tfinal=tfinal,
+        deltaT=settings["delta_t"],
+        total_step=total_step,
+        orth_reg_weight=0.0,  # added in _train_adalora instead
+        target_modules=[m.name for m in env.modules],
+        fan_in_fan_out=isinstance(env.instance.model.get_submodule(env.modules[0].name), Conv1D),
+        modules_to_save=list(env.data.modules_to_save) or None,
+    )
+    model = _train_adalora(env, config, target_total, seed, settings["orth_reg_weight"])
+    final_loss = _evaluation_loss(env, model)
+
+    suffix, masks = f".lora_E.{ADAPTER}", model.peft_config[ADAPTER].rank_pattern  # keys: module.lora_E.default
+    pattern = {key.removesuffix(suffix): [bool(b) for b in mask] for key, mask in masks.items()}
+    raw_ranks = {m.name: sum(pattern[m.name]) for m in env.modules}
+    singular_values = {
+        m.name: model.base_model.model.get_submodule(m.name).lora_E[ADAPTER].detach().view(-1).tolist()
+        for m in env.modules
+    }
+    return AdaLoraResult(
+        method="adalora",
+        allocation=_to_ladder(env, raw_ranks, singular_values),
+        optimizer_steps=total_step,
+        loss=final_loss,
+        history=[(total_step, final_loss)],
+        raw_ranks=raw_ranks,
+        rank_pattern=pattern,
+        singular_values=singular_values,
+    )
+
+
+# ---- Optuna TPE -----------------------------------------------------------------------------------------------
+def tpe(env: RankAllocationEnv, seed: int = 0, max_optimizer_steps: int | None = None, **options: Any) -> SearchResult:
+    """Optuna's TPE over static allocations: one categorical ladder rank per module, one static trial each.
+
+    A proposal over budget is told PRUNED without training (0 steps; TPE ranks pruned trials below every
+    complete one); a repeated proposal reuses its loss (0 steps). Options: `n_startup_trials` (default 10,
+    Optuna's; pruned proposals count), `max_proposals` (default 1000) caps all proposals.
+    """
+    settings = _options("tpe", options, {"n_startup_trials": 10, "max_proposals": 1000})
+    _check_int("n_startup_trials", settings["n_startup_trials"], 1)
+    _check_int("max_proposals", settings["max_proposals"], 1)
+    trials = _StaticTrials(env, seed, max_optimizer_steps)
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=settings["n_startup_trials"])
+        study = optuna.create_study(direction="minimize", sampler=sampler)
+        for _ in range(settings["max_proposals"]):
+            if not trials.affordable():
+                break
+            trial = study.ask()
+            allocation = {m.name: trial.suggest_categorical(m.name, list(env.ladder)) for m in env.modules}
+            if env.params_of(allocation) > env.budget:
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                continue
+            study.tell(trial, trials.evaluate(allocation))
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    return trials.result("tpe")
+
+
+BASELINES: dict[str, Callable[..., SearchResult]] = {
+    "uniform": uniform,
+    "random": random_search,
+    "greedy": greedy,
+    "adalora": adalora,
+    "tpe": tpe,
+}

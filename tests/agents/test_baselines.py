@@ -1,0 +1,175 @@
+"""Baselines on a tiny planted instance: budget, ladder, step accounting, AdaLoRA read-back, determinism."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from agents.baselines import BASELINES, AdaLoraResult, adalora, greedy, random_search, tpe, uniform
+from strato_env.env import MODULE_FEATURES, RankAllocationEnv
+from tests.conftest import SMALL
+
+EPISODE = SMALL["decisions"] * SMALL["inner_steps"]
+SEARCHES = {"random": random_search, "tpe": tpe}
+
+
+@pytest.fixture(scope="module")
+def env() -> RankAllocationEnv:
+    return RankAllocationEnv(**SMALL)
+
+
+@pytest.fixture
+def counted(env: RankAllocationEnv, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[dict[str, int]]]:
+    """Every allocation the baseline trains with `env.evaluate_allocation`."""
+    calls: list[dict[str, int]] = []
+    original = env.evaluate_allocation
+
+    def evaluate_allocation(allocation: dict[str, int], seed: int = 0) -> float:
+        calls.append(dict(allocation))
+        return original(allocation, seed)
+
+    monkeypatch.setattr(env, "evaluate_allocation", evaluate_allocation)
+    yield calls
+
+
+def assert_on_ladder_within_budget(env: RankAllocationEnv, allocation: dict[str, int]) -> None:
+    assert set(allocation) == {m.name for m in env.modules}
+    assert all(rank in env.ladder for rank in allocation.values()), allocation
+    assert env.params_of(allocation) <= env.budget
+
+
+def assert_maximal(env: RankAllocationEnv, allocation: dict[str, int]) -> None:
+    for m in env.modules:
+        i = env.ladder.index(allocation[m.name])
+        if i + 1 < len(env.ladder):
+            assert env.params_of({**allocation, m.name: env.ladder[i + 1]}) > env.budget, m.name
+
+
+def test_registry_names_every_baseline() -> None:
+    assert set(BASELINES) == {"uniform", "random", "greedy", "adalora", "tpe"}
+
+
+def test_uniform_is_the_largest_rank_that_fits(env: RankAllocationEnv, counted: list) -> None:
+    result = uniform(env)
+    ranks = set(result.allocation.values())
+    assert len(ranks) == 1 and set(result.allocation) == {m.name for m in env.modules}
+    rank = ranks.pop()
+    assert env.params_of(result.allocation) <= env.budget
+    assert env.params_of({m.name: rank + 1 for m in env.modules}) > env.budget
+    assert result.optimizer_steps == 0 and result.loss is None and not counted
+
+
+@pytest.mark.parametrize("method", sorted(SEARCHES))
+def test_static_search_counts_its_trials_and_is_seeded(env: RankAllocationEnv, counted: list, method: str) -> None:
+    search = SEARCHES[method]
+    limit = 2 * EPISODE + EPISODE // 2  # room for two trials, not three
+    result = search(env, seed=3, max_optimizer_steps=limit)
+    assert result.method == method
+    assert_on_ladder_within_budget(env, result.allocation)
+    assert result.optimizer_steps == 2 * EPISODE == EPISODE * len(counted) <= limit
+    assert all(env.params_of(allocation) <= env.budget for allocation in counted)  # over-budget: never trained
+    assert result.history[-1] == (result.optimizer_steps, result.loss)
+    assert [steps for steps, _ in result.history] == [EPISODE, 2 * EPISODE]
+    assert result.history[1][1] <= result.history[0][1]
+    assert result.allocation in counted
+
+    if method == "random":  # random allocations fill the budget: no module could grow one more ladder step
+        for allocation in counted:
+            assert_maximal(env, allocation)
+
+    first = search(env, seed=3, max_optimizer_steps=EPISODE)  # same seed: the same first trial
+    assert first.allocation == counted[0] and first.loss == result.history[0][1]
+    assert first.optimizer_steps == EPISODE and len(counted) == 3
+
+
+@pytest.mark.parametrize("method", sorted(SEARCHES))
+def test_static_search_defaults_and_long_runs(
+    env: RankAllocationEnv, monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
+    """With a synthetic loss (no training): 4 trials by default; longer runs never train over budget."""
+    trained: list[dict[str, int]] = []
+
+    def synthetic_loss(allocation: dict[str, int]) -> float:
+        return 1.0 / (1.0 + sum(allocation.values()))
+
+    def evaluate_allocation(allocation: dict[str, int], seed: int = 0) -> float:
+        trained.append(dict(allocation))
+        return synthetic_loss(allocation)
+
+    monkeypatch.setattr(env, "evaluate_allocation", evaluate_allocation)
+    assert SEARCHES[method](env, seed=0).optimizer_steps == 4 * EPISODE == EPISODE * len(trained)
+
+    trained.clear()
+    result = SEARCHES[method](env, seed=0, max_optimizer_steps=20 * EPISODE)
+    assert result.optimizer_steps == EPISODE * len(trained) <= 20 * EPISODE
+    assert all(env.params_of(allocation) <= env.budget for allocation in trained)
+    assert result.loss == min(synthetic_loss(allocation) for allocation in trained)
+    best = [loss for _, loss in result.history]
+    assert best == sorted(best, reverse=True)
+
+
+def test_static_search_ranks_a_diverged_trial_last(env: RankAllocationEnv, monkeypatch: pytest.MonkeyPatch) -> None:
+    losses = iter([float("nan"), 0.5])
+    monkeypatch.setattr(env, "evaluate_allocation", lambda allocation, seed=0: next(losses))
+    result = random_search(env, seed=0, max_optimizer_steps=2 * EPISODE)
+    assert result.loss == 0.5 and result.history == [(EPISODE, float("inf")), (2 * EPISODE, 0.5)]
+
+
+def test_greedy_fills_the_budget_by_importance(env: RankAllocationEnv, counted: list) -> None:
+    result = greedy(env, seed=0)
+    assert_on_ladder_within_budget(env, result.allocation)
+    assert_maximal(env, result.allocation)
+    assert result.optimizer_steps == 0 and not counted
+    observation, _ = env.reset(seed=0)
+    importance = observation["modules"].reshape(env.config.max_modules, MODULE_FEATURES)[: len(env.modules), 0]
+    top = env.modules[int(np.argmax(importance))].name
+    assert result.allocation[top] == env.ladder[-1]  # the most important module is grown first, to the top
+
+    probed = greedy(env, seed=0, probe_decisions=1, max_optimizer_steps=EPISODE)
+    assert probed.optimizer_steps == env.config.inner_steps
+    assert_on_ladder_within_budget(env, probed.allocation)
+
+
+def test_adalora_reads_back_its_rank_masks(env: RankAllocationEnv) -> None:
+    result = adalora(env, seed=0)
+    assert isinstance(result, AdaLoraResult)
+    assert result.optimizer_steps == EPISODE and np.isfinite(result.loss)
+    assert_on_ladder_within_budget(env, result.allocation)
+    names = {m.name for m in env.modules}
+    assert set(result.raw_ranks) == set(result.rank_pattern) == set(result.singular_values) == names
+    for name in names:
+        assert result.raw_ranks[name] == sum(result.rank_pattern[name])
+        assert result.raw_ranks[name] == int(np.count_nonzero(result.singular_values[name]))
+        assert result.allocation[name] <= result.raw_ranks[name]
+    # AdaLoRA really pruned (update_and_allocate ran): from init_r = 8 on every module down to the budget.
+    init_total = sum(len(mask) for mask in result.rank_pattern.values())
+    assert init_total == 8 * len(names)
+    assert 0 < sum(result.raw_ranks.values()) < init_total
+
+
+@pytest.mark.parametrize(
+    ("method", "kwargs", "named"),
+    [
+        ("uniform", {"rank": 4}, "rank"),
+        ("random", {"max_optimizer_steps": EPISODE - 1}, "max_optimizer_steps"),
+        ("random", {"trials": 3}, "trials"),
+        ("tpe", {"n_startup_trials": 0}, "n_startup_trials"),
+        ("greedy", {"probe_decisions": -1}, "probe_decisions"),
+        ("greedy", {"probe_decisions": 2, "max_optimizer_steps": 1}, "max_optimizer_steps"),
+        ("adalora", {"tfinal_fraction": 1.5}, "tfinal_fraction"),
+        ("adalora", {"init_r": 0}, "init_r"),
+        ("adalora", {"tinit_fraction": 0.9}, "tinit_fraction"),
+    ],
+)
+def test_bad_options_raise_before_training(
+    env: RankAllocationEnv, counted: list, monkeypatch: pytest.MonkeyPatch, method: str, kwargs: dict, named: str
+) -> None:
+    def no_training(instance: object) -> None:
+        raise AssertionError("AdaLoRA started training before validating its options")
+
+    monkeypatch.setattr("agents.baselines.fresh_model", no_training)
+    with pytest.raises(ValueError, match=named):
+        BASELINES[method](env, **kwargs)
+    assert not counted
