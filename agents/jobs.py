@@ -54,7 +54,10 @@ def _write_results(
 ) -> None:
     """allocation.json, adapter/, metrics.csv, evaluation.csv, plots and report.md (written last)."""
     run.write_json("allocation.json", allocation)
-    env.export_adapter(str(run.path / "adapter"))
+    if any(allocation.values()) or env.lora.extra_params:
+        env.export_adapter(str(run.path / "adapter"))
+    else:
+        title += " (no adapter: the allocation adapts no module)"
     run.write_csv("metrics.csv", rows)
     run.write_csv("evaluation.csv", evaluation)
     run.save_figure("learning_curve.png", learning_curve(rows, curve_x, title))

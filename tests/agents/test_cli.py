@@ -1,0 +1,131 @@
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from peft import PeftModel
+
+from agents.cli import main
+from agents.config import load_train_config
+from agents.runs import UNFINISHED, is_complete
+from strato_env.models import load_model
+
+TINY_RUN = [
+    "env.decisions=2",
+    "env.inner_steps=1",
+    "env.probe_steps=2",
+    "ppo.total_timesteps=8",
+    "ppo.n_steps=4",
+    "ppo.batch_size=4",
+    "ppo.n_epochs=1",
+]
+RUN_FILES = {
+    "config.yaml",
+    "allocation.json",
+    "adapter",
+    "metrics.csv",
+    "evaluation.csv",
+    "report.md",
+    "learning_curve.png",
+    "rank_heatmap.png",
+    "loss_vs_params.png",
+    "tensorboard",
+}
+
+
+def _check_adapter(run: Path, model_name: str) -> dict[str, int]:
+    allocation = json.loads((run / "allocation.json").read_text())
+    reloaded = PeftModel.from_pretrained(load_model(model_name), run / "adapter")
+    for name, rank in allocation.items():
+        layer = reloaded.base_model.model.get_submodule(name)
+        if rank:
+            assert layer.lora_A["default"].weight.shape[0] == rank
+        else:
+            assert not hasattr(layer, "lora_A"), f"{name} has rank 0 but an adapter"
+    for png in run.glob("*.png"):
+        assert png.stat().st_size > 1000
+    return allocation
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> Path:
+    runs = tmp_path_factory.mktemp("runs")
+    assert main(["train", *TINY_RUN, f"runs_dir={runs}", "name=tiny"]) == 0
+    return runs / "tiny"
+
+
+def test_train_writes_a_complete_run_folder(trained_run):
+    assert is_complete(trained_run)
+    assert RUN_FILES | {"policy.zip"} <= {p.name for p in trained_run.iterdir()}
+    allocation = _check_adapter(trained_run, "gpt2-tiny")
+    assert any(allocation.values())
+    assert yaml.safe_load((trained_run / "config.yaml").read_text())["env"]["decisions"] == 2
+    assert "| gpt2-tiny/planted/top-heavy |" in (trained_run / "report.md").read_text()
+
+
+def test_apply_runs_the_policy_on_another_family(trained_run, tmp_path):
+    out = tmp_path / "applied"
+    code = main(["apply", "--policy", str(trained_run / "policy.zip"), "--model", "llama-tiny", "--out", str(out)])
+    assert code == 0 and is_complete(out)
+    assert RUN_FILES - {"tensorboard", "learning_curve.png"} <= {p.name for p in out.iterdir()}
+    allocation = _check_adapter(out, "llama-tiny")
+    assert len(allocation) == 28
+
+
+def test_go_explore_run_writes_its_archive(tmp_path):
+    code = main(
+        [
+            "train",
+            "agent=go_explore",
+            "env.decisions=2",
+            "env.inner_steps=1",
+            "env.probe_steps=2",
+            "go_explore.max_optimizer_steps=6",
+            f"runs_dir={tmp_path}",
+            "name=ge",
+        ]
+    )
+    assert code == 0 and is_complete(tmp_path / "ge")
+    archive = json.loads((tmp_path / "ge" / "archive.json").read_text())
+    assert archive["cells"]
+    _check_adapter(tmp_path / "ge", "gpt2-tiny")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["ppo.n_step=4"], "unknown key ppo.'n_step'"),
+        (["env.budgett=10"], "unknown key 'budgett'"),
+        (["agent=dqn"], "agent='dqn' is invalid"),
+        (["env.inner_steps=0"], "inner_steps=0 is invalid"),
+        (["train_instances=[{model: gpt2-tiny, task: {profile: diagonal}}]"], "task.profile='diagonal'"),
+        (["seed"], "expected key=value"),
+    ],
+)
+def test_bad_config_is_rejected_naming_the_key(overrides, message, tmp_path, capsys):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        load_train_config(None, overrides)
+    assert main(["train", *overrides, f"runs_dir={tmp_path}"]) == 2
+    assert message.split("'")[0] in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # rejected before any work: no run folder
+
+
+def test_yaml_config_file_and_interrupted_runs(tmp_path):
+    config = tmp_path / "exp.yaml"
+    config.write_text("agent: go_explore\nenv: {decisions: 2, inner_steps: 1}\nbogus: 1\n")
+    with pytest.raises(ValueError, match="unknown key 'bogus'"):
+        load_train_config(str(config))
+    # an interrupted run keeps its UNFINISHED marker
+    from agents.runs import RunFolder
+
+    run = RunFolder(tmp_path / "runs", "x")
+    run.write_json("allocation.json", {})
+    run.mark_interrupted("KeyboardInterrupt")
+    assert not is_complete(run.path) and (run.path / UNFINISHED).read_text().startswith("interrupted")
+
+
+def test_inspect_lists_modules(capsys):
+    assert main(["inspect", "--model", "bert-tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "bert-tiny: 24 target modules" in out and "encoder.layer.3.output.dense" in out
+    assert "cls.predictions" not in out
