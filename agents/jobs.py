@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
@@ -51,6 +52,7 @@ def _write_results(
     evaluation: list[dict[str, Any]],
     curve_x: str,
     title: str,
+    points: list[dict[str, Any]] | None = None,
 ) -> None:
     """allocation.json, adapter/, metrics.csv, evaluation.csv, plots and report.md (written last)."""
     run.write_json("allocation.json", allocation)
@@ -68,7 +70,7 @@ def _write_results(
     }
     if env.oracle_loss is not None:
         references["oracle"] = (env.params_of(env.data.oracle_ranks), env.oracle_loss)
-    run.save_figure("loss_vs_params.png", loss_versus_params(rows, references, env.budget, instance_label(env.config)))
+    run.save_figure("loss_vs_params.png", loss_versus_params(points or rows, references, env.budget, instance_label(env.config)))
     run.write_text("report.md", _report(title, evaluation, run.wall_seconds))
 
 
@@ -164,7 +166,8 @@ def _train_go_explore(config: TrainConfig, env: RankAllocationEnv, run: RunFolde
         _score(env, instance_label(env.config), result.loss, result.allocation, config.seed)
         | {"split": "train", "search_optimizer_steps": result.optimizer_steps}
     ]
-    _write_results(run, env, result.allocation, rows, evaluation, "optimizer_steps", "go_explore")
+    points = [{"params": env.params_of(e.allocation), "loss": e.loss} for e in agent.archive if np.isfinite(e.loss)]
+    _write_results(run, env, result.allocation, rows, evaluation, "optimizer_steps", "go_explore", points)
 
 
 def _run_config_of(policy: str) -> dict[str, Any]:

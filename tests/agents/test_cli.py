@@ -99,7 +99,7 @@ def test_go_explore_run_writes_its_archive(tmp_path):
         (["agent=dqn"], "agent='dqn' is invalid"),
         (["env.inner_steps=0"], "inner_steps=0 is invalid"),
         (["train_instances=[{model: gpt2-tiny, task: {profile: diagonal}}]"], "task.profile='diagonal'"),
-        (["seed"], "expected key=value"),
+        (["seed=1", "bogus"], "expected key=value"),
     ],
 )
 def test_bad_config_is_rejected_naming_the_key(overrides, message, tmp_path, capsys):
