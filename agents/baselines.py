@@ -23,7 +23,7 @@ from transformers.pytorch_utils import Conv1D
 from agents.result import SearchResult
 from strato_env.adapters import ADAPTER
 from strato_env.costs import uniform_rank_for_budget
-from strato_env.env import KEEP, MODULE_FEATURES, RankAllocationEnv
+from strato_env.env import KEEP, MODULE_FEATURES, RankAllocationEnv, data_order
 from strato_env.instance import fresh_model
 
 DEFAULT_TRIALS = 4
@@ -233,17 +233,6 @@ def _orthogonal_regularization(model: nn.Module) -> torch.Tensor:
     return torch.stack(terms).mean()
 
 
-@torch.no_grad()
-def _evaluation_loss(env: RankAllocationEnv, model: nn.Module) -> float:
-    """`env.evaluate_loss` for another model: the task loss on the fixed evaluation set, batched alike."""
-    size = len(next(iter(env.data.eval.values())))
-    total = 0.0
-    for start in range(0, size, env.config.batch_size):
-        batch = {k: v[start : start + env.config.batch_size] for k, v in env.data.eval.items()}
-        total += float(env.data.loss(model, batch)) * len(batch["input_ids"])
-    return total / size
-
-
 def _to_ladder(env: RankAllocationEnv, raw: dict[str, int], singular_values: dict[str, list[float]]) -> dict[str, int]:
     """Round each raw rank down to the ladder; while over budget, step down the module that loses the least
     |singular value| mass per parameter freed (AdaLoRA budgets ranks, not parameters)."""
@@ -272,7 +261,7 @@ def _train_adalora(
     torch_seed = int(rng.integers(2**62))
     batch_size, pool = env.config.batch_size, env.data.train_size
     total_step = config.total_step
-    order = np.concatenate([rng.permutation(pool) for _ in range(math.ceil(total_step * batch_size / pool))])
+    order = data_order(rng, pool, total_step * batch_size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(torch_seed)
         model = get_peft_model(fresh_model(env.instance), config)
@@ -357,7 +346,7 @@ def adalora(
         modules_to_save=list(env.data.modules_to_save) or None,
     )
     model = _train_adalora(env, config, target_total, seed, settings["orth_reg_weight"])
-    final_loss = _evaluation_loss(env, model)
+    final_loss = env.evaluate_loss(model)
 
     suffix, masks = f".lora_E.{ADAPTER}", model.peft_config[ADAPTER].rank_pattern  # keys: module.lora_E.default
     pattern = {key.removesuffix(suffix): [bool(b) for b in mask] for key, mask in masks.items()}

@@ -70,7 +70,9 @@ def _write_results(
     }
     if env.oracle_loss is not None:
         references["oracle"] = (env.params_of(env.data.oracle_ranks), env.oracle_loss)
-    run.save_figure("loss_vs_params.png", loss_versus_params(points or rows, references, env.budget, instance_label(env.config)))
+    run.save_figure(
+        "loss_vs_params.png", loss_versus_params(points or rows, references, env.budget, instance_label(env.config))
+    )
     run.write_text("report.md", _report(title, evaluation, run.wall_seconds))
 
 

@@ -48,8 +48,10 @@ def main() -> None:
         result = GoExplore(GoExploreConfig(max_optimizer_steps=args.go_explore_steps)).run(env, seed=seed)
         static = env.evaluate_allocation(result.allocation, seed=0)
         gaps.append(gap_closed(static, uniform, oracle))
-        print(f"go_explore seed {seed}: search {result.optimizer_steps} steps, {time.perf_counter() - start:.0f} s; "
-              f"static loss {static:.5f}  gap closed {gaps[-1]:.3f}  params {env.params_of(result.allocation)}")
+        print(
+            f"go_explore seed {seed}: search {result.optimizer_steps} steps, {time.perf_counter() - start:.0f} s; "
+            f"static loss {static:.5f}  gap closed {gaps[-1]:.3f}  params {env.params_of(result.allocation)}"
+        )
     if gaps:
         print(f"go_explore mean gap closed over {len(gaps)} seeds: {np.mean(gaps):.3f}")
 
@@ -61,9 +63,11 @@ def main() -> None:
             episode = run_policy_episode(policy, target, seed=0)
             uniform_t, oracle_t = uniform_loss(target), target.oracle_loss
             static = target.evaluate_allocation(episode["allocation"], seed=0)
-            print(f"policy on {_label(target):<24} episode loss {episode['loss']:.5f} "
-                  f"(gap {gap_closed(episode['loss'], uniform_t, oracle_t):6.3f})  static {static:.5f} "
-                  f"(gap {gap_closed(static, uniform_t, oracle_t):6.3f})  uniform {uniform_t:.5f}  oracle {oracle_t:.5f}")
+            print(
+                f"policy on {_label(target):<24} episode loss {episode['loss']:.5f} "
+                f"(gap {gap_closed(episode['loss'], uniform_t, oracle_t):6.3f})  static {static:.5f} "
+                f"(gap {gap_closed(static, uniform_t, oracle_t):6.3f})  uniform {uniform_t:.5f}  oracle {oracle_t:.5f}"
+            )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -61,7 +62,9 @@ class DynamicLora:
             fan_in_fan_out=fan_in_fan_out,
             modules_to_save=list(modules_to_save) if modules_to_save else None,
         )
-        self.peft_model = get_peft_model(model, config)
+        with warnings.catch_warnings():  # peft reads a transformers attribute that transformers deprecates
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            self.peft_model = get_peft_model(model, config)
         self.layers: dict[str, LoraLayer] = {
             m.name: self.peft_model.base_model.model.get_submodule(m.name) for m in self.modules
         }

@@ -29,6 +29,11 @@ _PROBE_CACHE: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 _ORACLE_CACHE: dict[str, float] = {}
 
 
+def data_order(rng: np.random.Generator, pool_size: int, total: int) -> np.ndarray:
+    """Row indices of an episode's training batches: shuffled passes over the pool, `total` rows."""
+    return np.concatenate([rng.permutation(pool_size) for _ in range(math.ceil(total / pool_size))])[:total]
+
+
 class RankAllocationEnv(gym.Env):
     """
     ## Description
@@ -250,8 +255,7 @@ class RankAllocationEnv(gym.Env):
         self._generator = torch.Generator(device=self.config.device).manual_seed(int(rng.integers(2**62)))
         self.lora.reinitialize(allocation, self._generator)
         total = self.config.decisions * self.config.inner_steps * self.config.batch_size
-        n = self.data.train_size
-        order = np.concatenate([rng.permutation(n) for _ in range(math.ceil(total / n))])[:total]
+        order = data_order(rng, self.data.train_size, total)
         initial_loss = self.evaluate_loss()
         self._episode = {
             "decision": 0,
@@ -265,13 +269,14 @@ class RankAllocationEnv(gym.Env):
         }
 
     @torch.no_grad()
-    def evaluate_loss(self) -> float:
-        """Loss of the current model on the task's fixed evaluation set (batched like training)."""
+    def evaluate_loss(self, model: torch.nn.Module | None = None) -> float:
+        """Loss on the task's fixed evaluation set (batched like training), of the env's model or of `model`."""
+        model = model if model is not None else self.model
         size = len(next(iter(self.data.eval.values())))
         total = 0.0
         for start in range(0, size, self.config.batch_size):
             batch = {k: v[start : start + self.config.batch_size] for k, v in self.data.eval.items()}
-            total += self.data.loss(self.model, batch) * len(batch["input_ids"])
+            total += self.data.loss(model, batch) * len(batch["input_ids"])
         return float(total / size)
 
     def _apply(self, action: np.ndarray) -> None:
@@ -368,8 +373,9 @@ class RankAllocationEnv(gym.Env):
         episode = self._episode
         modules = self._static_features.copy()
         n = len(self.modules)
-        remaining = np.divide(episode["gradients"], self._base_gradients, out=np.zeros(n),
-                              where=self._base_gradients > 0)
+        remaining = np.divide(
+            episode["gradients"], self._base_gradients, out=np.zeros(n), where=self._base_gradients > 0
+        )
         modules[:n, 0] = normalized(self._probe_gains * remaining)
         modules[:n, 1] = np.array(list(self.lora.ranks.values())) / self.ladder[-1]
         ratio = episode["loss"] / episode["initial_loss"] if episode["initial_loss"] > 0 else 0.0

@@ -57,7 +57,10 @@ def gradient_norms(
 
 
 def probe_gains(
-    lora: DynamicLora, rank: int, batches: Sequence[Batch], loss: Callable[[nn.Module, Batch], torch.Tensor],
+    lora: DynamicLora,
+    rank: int,
+    batches: Sequence[Batch],
+    loss: Callable[[nn.Module, Batch], torch.Tensor],
     evaluate: Callable[[], float],
 ) -> np.ndarray:
     """Relative loss drop of a rank-`rank` update on each module alone after one step per batch."""

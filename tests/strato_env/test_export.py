@@ -53,10 +53,7 @@ def test_exported_adapter_reloads_with_peft_to_the_same_loss(model, tmp_path):
         if rank:
             layer = reloaded.base_model.model.get_submodule(name)
             assert layer.lora_A["default"].weight.shape[0] == rank
-    env.model, saved = reloaded, env.model  # evaluate the reloaded model with the env's own protocol
-    reloaded_loss = env.evaluate_loss()
-    env.model = saved
-    assert reloaded_loss == pytest.approx(info["loss"], abs=1e-5)
+    assert env.evaluate_loss(reloaded) == pytest.approx(info["loss"], abs=1e-5)
 
 
 def test_classification_exports_head_and_lora(sentiment_csv, tmp_path):
@@ -69,8 +66,7 @@ def test_classification_exports_head_and_lora(sentiment_csv, tmp_path):
     weights = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     assert sum(t.numel() for t in weights.values()) == info["params"]
     reloaded = PeftModel.from_pretrained(fresh_model(env.instance), tmp_path / "adapter")
-    env.model = reloaded
-    assert env.evaluate_loss() == pytest.approx(info["loss"], abs=1e-5)
+    assert env.evaluate_loss(reloaded) == pytest.approx(info["loss"], abs=1e-5)
 
 
 def test_export_of_an_empty_allocation_is_refused(tmp_path):
