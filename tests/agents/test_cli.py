@@ -129,3 +129,9 @@ def test_inspect_lists_modules(capsys):
     out = capsys.readouterr().out
     assert "bert-tiny: 24 target modules" in out and "encoder.layer.3.output.dense" in out
     assert "cls.predictions" not in out
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parents[2].joinpath("configs").glob("*.yaml")))
+def test_shipped_configs_validate(path):
+    config = load_train_config(str(path))
+    assert config.train_instances and config.env_config(config.train_instances[0]).decisions >= 1
