@@ -89,8 +89,9 @@ class EnvConfig:
     budget: int | None = None
     """Parameter budget B (trainable LoRA parameters). None: the oracle's count on planted tasks,
     uniform rank 4 otherwise."""
-    cost_weight: float = 0.01
-    """lambda in the reward r_t = (L_{t-1} - L_t) / L_0 - lambda * P_t / B."""
+    cost_weight: float = 0.001
+    """lambda in the reward r_t = (L_{t-1} - L_t) / L_0 - lambda * P_t / B. The budget is a hard limit, so
+    lambda only breaks ties: at 0.01 a full budget cost more return than the whole uniform-to-oracle gap."""
     decisions: int = 8
     """Rank decisions per episode (truncation)."""
     inner_steps: int = 20

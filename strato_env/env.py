@@ -98,7 +98,7 @@ class RankAllocationEnv(gym.Env):
     | task            | planted      | `TaskConfig` or dict: planted, causal_lm or classification        |
     | rank_ladder     | 0,1,2,4,8,16 | allowed ranks                                                   |
     | budget          | None         | B in parameters; None: the oracle's count (planted) or uniform rank 4 |
-    | cost_weight     | 0.01         | lambda of the reward                                            |
+    | cost_weight     | 0.001        | lambda of the reward                                            |
     | decisions       | 8            | decisions per episode                                           |
     | inner_steps     | 20           | optimizer steps per decision                                    |
     | probe_steps     | 10           | steps of the once-per-instance probe of each module alone       |

@@ -29,13 +29,13 @@ class PPOConfig:
     """'ppo' (SB3), 'maskable_ppo' (sb3-contrib, reads the env's action masks) or 'a2c' (SB3)."""
     total_timesteps: int = 384
     """Env steps (rank decisions) to train for."""
-    n_steps: int = 64
-    """Env steps per rollout before each update."""
-    batch_size: int = 32
+    n_steps: int = 16
+    """Env steps per rollout before each update (two default episodes)."""
+    batch_size: int = 16
     """Minibatch size of the PPO update."""
     n_epochs: int = 10
     """Passes over each rollout (PPO)."""
-    learning_rate: float = 1e-3
+    learning_rate: float = 3e-3
     """Adam learning rate of the policy."""
     gamma: float = 0.99
     """Discount factor."""
