@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
 from typing import Any
 
 import gymnasium as gym
@@ -356,6 +355,11 @@ class RankAllocationEnv(gym.Env):
             self.set_state(state)
         return loss
 
+    @property
+    def decisions_made(self) -> int:
+        """Decisions taken in the current episode (0 before the first reset)."""
+        return self._episode["decision"] if self._episode is not None else 0
+
     # ---- masks, observation, info -------------------------------------------------------------------------
     def action_masks(self) -> np.ndarray:
         mask = np.zeros((self.config.max_modules, 3), dtype=bool)
@@ -437,10 +441,3 @@ class RankAllocationEnv(gym.Env):
     def export_adapter(self, path: str) -> None:
         """Write the current adapter as a standard peft folder (`rank_pattern` in adapter_config.json)."""
         self.lora.export(path, self.config.model)
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "config": asdict(self.config),
-            "budget": self.budget,
-            "modules": [asdict(m) for m in self.modules],
-        }

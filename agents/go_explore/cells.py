@@ -50,7 +50,7 @@ class DepthProfileCell:
             counts[index] += 1
         # Round half up explicitly: Python's round() rounds half to even.
         profile = [int(total / count + 0.5) if count else -1 for total, count in zip(totals, counts, strict=True)]
-        return (int(base._episode["decision"]), bucket, *profile)
+        return (base.decisions_made, bucket, *profile)
 
 
 @dataclass(frozen=True)
@@ -60,4 +60,4 @@ class ExactAllocationCell:
     def __call__(self, env: gym.Env) -> Cell:
         base: Any = env.unwrapped
         ranks = base.lora.ranks
-        return (int(base._episode["decision"]), *(base.ladder.index(ranks[m.name]) for m in base.modules))
+        return (base.decisions_made, *(base.ladder.index(ranks[m.name]) for m in base.modules))
