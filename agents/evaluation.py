@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from sb3_contrib import MaskablePPO
 
 from strato_env.costs import uniform_rank_for_budget
 from strato_env.env import RankAllocationEnv
@@ -32,11 +33,11 @@ def gap_closed(loss: float, uniform: float, oracle: float | None) -> float:
 
 
 def run_policy_episode(model, env: RankAllocationEnv, seed: int, deterministic: bool = True) -> dict:
-    """One episode of an SB3 policy (masked when the model supports it): its loss, allocation and actions."""
+    """One episode of an SB3 policy (masked for MaskablePPO): its loss, allocation, actions and decisions."""
     observation, info = env.reset(seed=seed)
     actions, decisions, total_reward, done = [], [], 0.0, False
     while not done:
-        kwargs = {"action_masks": env.action_masks()} if "action_masks" in model.predict.__code__.co_varnames else {}
+        kwargs = {"action_masks": env.action_masks()} if isinstance(model, MaskablePPO) else {}
         action, _ = model.predict(observation, deterministic=deterministic, **kwargs)
         observation, reward, terminated, truncated, info = env.step(action)
         actions.append([int(a) for a in action])
