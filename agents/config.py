@@ -9,16 +9,11 @@ from typing import Any
 
 import yaml
 
+from agents.go_explore import GoExploreConfig
 from agents.ppo.train import PPOConfig
 from strato_env.config import EnvConfig, from_dict
 
 AGENTS = ("ppo", "maskable_ppo", "a2c", "go_explore")
-
-
-def _go_explore_config_class():
-    from agents.go_explore import GoExploreConfig
-
-    return GoExploreConfig
 
 
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -48,8 +43,8 @@ class TrainConfig:
     """Held-out instances the trained policy is evaluated on (policies only)."""
     ppo: PPOConfig = field(default_factory=PPOConfig)
     """PPO / MaskablePPO / A2C settings."""
-    go_explore: Any = None
-    """Go-Explore settings (agents.go_explore.GoExploreConfig)."""
+    go_explore: GoExploreConfig = field(default_factory=GoExploreConfig)
+    """Go-Explore settings."""
     runs_dir: str = "runs"
     """Folder under which the run folder is created."""
     name: str | None = None
@@ -60,11 +55,8 @@ class TrainConfig:
             raise ValueError(f"agent={self.agent!r} is invalid: allowed {list(AGENTS)}")
         if isinstance(self.ppo, dict):
             self.ppo = from_dict(PPOConfig, self.ppo, where="ppo.")
-        go_explore_class = _go_explore_config_class()
-        if self.go_explore is None:
-            self.go_explore = go_explore_class()
-        elif isinstance(self.go_explore, dict):
-            self.go_explore = from_dict(go_explore_class, self.go_explore, where="go_explore.")
+        if isinstance(self.go_explore, dict):
+            self.go_explore = from_dict(GoExploreConfig, self.go_explore, where="go_explore.")
         if not isinstance(self.env, dict):
             raise ValueError(f"env={self.env!r} is invalid: expected a mapping of EnvConfig fields")
         for key, instances in (("train_instances", self.train_instances), ("test_instances", self.test_instances)):

@@ -65,7 +65,7 @@ def main() -> None:
     env_times, plain_times = [], []
     for repeat in range(args.repeats + 1):  # the first round warms up both sides and is not counted
         env.reset(seed=repeat, options={"allocation": allocation})
-        order = env._episode["order"]
+        order = env.get_state()["episode"]["order"]
         for decision in range(env.config.decisions):
             start = time.perf_counter()
             env.step(keep)

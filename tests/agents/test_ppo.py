@@ -73,8 +73,7 @@ def test_round_robin_cycles_instances_and_passes_the_checker():
     for _ in range(4):
         cycle.reset()
         seen.append(cycle.current.config.model)
-    assert seen[:2] != seen[2:3] * 2 and set(seen) == {"gpt2-tiny", "llama-tiny"}
-    assert seen[0] != seen[1] and seen[0] == seen[2]
+    assert seen == ["gpt2-tiny", "llama-tiny", "gpt2-tiny", "llama-tiny"]
 
 
 def test_bad_ppo_config_names_the_field():
