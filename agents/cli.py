@@ -1,4 +1,4 @@
-"""`strato`: train an allocation policy, apply it to a new model, inspect a model's target modules."""
+"""`strato`: train an allocation policy, apply it to a new model, benchmark methods, inspect a model."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from agents.config import TrainConfig
 DEFAULTS = argparse.ArgumentDefaultsHelpFormatter
 
 
-def _config_keys() -> str:
-    """Every `key=value` that `strato train` accepts, with its default."""
-    defaults = TrainConfig()
+def _config_keys(cls: type = TrainConfig) -> str:
+    """Every `key=value` that `strato train` (or `strato bench`) accepts, with its default."""
+    defaults = cls()
     lines = ["config keys (key=value overrides, dotted for nested ones; env keys are strato_env.EnvConfig fields):"]
-    for f in fields(TrainConfig):
+    for f in fields(cls):
         value = getattr(defaults, f.name)
         if is_dataclass(value):
             lines += [f"  {f.name}.{g.name}={getattr(value, g.name)!r}" for g in fields(value)]
@@ -62,6 +62,24 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--seed", type=int, default=0, help="episode seed")
     apply.add_argument("--out", required=True, help="run folder to create")
 
+    from agents.bench import BACKENDS, BenchConfig
+
+    bench = commands.add_parser(
+        "bench",
+        help="run a benchmark grid of methods x instances x seeds; writes results.csv, summary.md and plots",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_config_keys(BenchConfig),
+        description="strato bench [CONFIG.yaml] [key=value ...]: with no config, the planted benchmark of "
+        "configs/bench_planted.yaml. Rerunning the same command resumes an interrupted benchmark.",
+    )
+    bench.add_argument("items", nargs="*", metavar="[CONFIG] [key=value ...]", help="a YAML config and overrides")
+    bench.add_argument("--quick", action="store_true", help="apply the config's `quick` section (default: False)")
+    bench.add_argument("--workers", type=int, default=1, help="cells run at once (default: 1)")
+    bench.add_argument("--backend", default="process", choices=BACKENDS, help="process pool or Ray (default: process)")
+    bench.add_argument(
+        "--publish", default=None, metavar="DIR", help="also write DIR/RESULTS.md and DIR/results/ (default: None)"
+    )
+
     inspect = commands.add_parser(
         "inspect", help="list a model's target modules, shapes and cost per rank", formatter_class=DEFAULTS
     )
@@ -75,12 +93,20 @@ def main(argv: list[str] | None = None) -> int:
     from agents import jobs
 
     try:
-        if args.command == "train":
+        if args.command in ("train", "bench"):
             config_path = args.items[0] if args.items and "=" not in args.items[0] else None
             overrides = args.items[1:] if config_path else args.items
+        if args.command == "train":
             from agents.config import load_train_config
 
             path = jobs.train(load_train_config(config_path, overrides))
+            print(f"run folder: {path}")
+        elif args.command == "bench":
+            from agents.bench import load_bench_config, run_bench
+
+            config = load_bench_config(config_path, overrides, quick=args.quick)
+            command = " ".join(["strato", *(argv if argv is not None else sys.argv[1:])])
+            path = run_bench(config, args.workers, args.backend, command=command, publish=args.publish)
             print(f"run folder: {path}")
         elif args.command == "apply":
             task = {k: v for k, v in (("name", args.task), ("data", args.data), ("profile", args.profile)) if v}

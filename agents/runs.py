@@ -34,15 +34,19 @@ def write_atomic(path: Path, data: str | bytes) -> None:
 
 
 class RunFolder:
-    """One run's folder. It holds an `UNFINISHED` marker from creation until `finish()`."""
+    """One run's folder. It holds an `UNFINISHED` marker from creation until `finish()`.
 
-    def __init__(self, root: str | os.PathLike, name: str) -> None:
+    `resume=True` reopens an existing folder (marked unfinished again) instead of refusing it.
+    """
+
+    def __init__(self, root: str | os.PathLike, name: str, resume: bool = False) -> None:
         self.path = Path(root) / name
-        if self.path.exists() and any(self.path.iterdir()):
+        if not resume and self.path.exists() and any(self.path.iterdir()):
             raise ValueError(f"run folder {self.path} already exists and is not empty; choose another name")
         self.path.mkdir(parents=True, exist_ok=True)
         self.started = time.time()
-        write_atomic(self.path / UNFINISHED, f"started {time.strftime('%Y-%m-%d %H:%M:%S')}; not complete yet\n")
+        verb = "resumed" if resume else "started"
+        write_atomic(self.path / UNFINISHED, f"{verb} {time.strftime('%Y-%m-%d %H:%M:%S')}; not complete yet\n")
 
     def write_text(self, name: str, text: str) -> None:
         write_atomic(self.path / name, text)
@@ -102,24 +106,32 @@ def _short_name(module: TargetModule) -> str:
     return ".".join(parts[-2:]) if len(parts) > 1 else parts[-1]
 
 
-def rank_heatmap(modules: Sequence[TargetModule], allocation: dict[str, int], title: str) -> plt.Figure:
-    """Ranks as a grid: one row per layer, one column per module of a layer."""
+def draw_ranks(
+    axis: plt.Axes, modules: Sequence[TargetModule], allocation: dict[str, int], title: str, vmax: float | None = None
+):
+    """Ranks as a grid on `axis`: one row per layer, one column per module of a layer; returns the image.
+    Colours run from rank 0 to `vmax` (default: the largest rank shown)."""
     columns = list(dict.fromkeys(_short_name(m) for m in modules))
     layers = sorted({m.layer for m in modules})
     grid = np.full((len(layers), len(columns)), np.nan)
     for m in modules:
         grid[layers.index(m.layer), columns.index(_short_name(m))] = allocation.get(m.name, 0)
-    figure, axis = plt.subplots(figsize=(1.1 * len(columns) + 2, 0.45 * len(layers) + 1.6))
-    image = axis.imshow(grid, cmap="viridis", aspect="auto", origin="lower")
+    vmax = vmax if vmax is not None else max(np.nanmax(grid), 1)
+    image = axis.imshow(grid, cmap="viridis", aspect="auto", origin="lower", vmin=0, vmax=vmax)
     for (row, column), value in np.ndenumerate(grid):
         if not np.isnan(value):
-            axis.text(
-                column, row, int(value), ha="center", va="center", color="white" if value < grid.max() / 2 else "k"
-            )
+            axis.text(column, row, int(value), ha="center", va="center", color="white" if value < vmax / 2 else "k")
     axis.set_xticks(range(len(columns)), columns, rotation=30, ha="right")
     axis.set_yticks(range(len(layers)), [f"layer {layer}" for layer in layers])
     axis.set_title(title)
-    figure.colorbar(image, ax=axis, label="LoRA rank")
+    return image
+
+
+def rank_heatmap(modules: Sequence[TargetModule], allocation: dict[str, int], title: str) -> plt.Figure:
+    """One allocation's ranks by layer and module kind (see `draw_ranks`)."""
+    columns = len({_short_name(m) for m in modules})
+    figure, axis = plt.subplots(figsize=(1.1 * columns + 2, 0.45 * len({m.layer for m in modules}) + 1.6))
+    figure.colorbar(draw_ranks(axis, modules, allocation, title), ax=axis, label="LoRA rank")
     return figure
 
 

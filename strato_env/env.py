@@ -160,6 +160,9 @@ class RankAllocationEnv(gym.Env):
             }
         )
         self._episode: dict[str, Any] | None = None
+        self.total_optimizer_steps = 0
+        """Optimizer steps this env has run since construction, over all episodes and `evaluate_allocation`
+        calls (returning to a state with `set_state` runs none)."""
         self._base_gradients, self._probe_gains = self._cached_probe()
         self.oracle_loss = self._cached_oracle_loss()
 
@@ -313,6 +316,7 @@ class RankAllocationEnv(gym.Env):
                     smoothing = self.config.importance_smoothing
                     episode["gradients"] = smoothing * episode["gradients"] + (1 - smoothing) * gradients.norms()
             episode["optimizer_steps"] += 1
+            self.total_optimizer_steps += 1
 
     def step(self, action: np.ndarray):
         if self._episode is None:
