@@ -86,11 +86,17 @@ class BenchConfig:
     """Methods compared; the references (uniform LoRA, and the oracle on planted instances) always run."""
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     """Seeds of every method and of its final-quality run."""
-    search_steps: int = 960
-    """Cap on the optimizer steps each method may spend to find its allocation (6 default episodes)."""
+    search_steps: int = 800
+    """Cap on the optimizer steps each method may spend to find its allocation (5 default episodes)."""
     budget_scales: list[float] = field(default_factory=lambda: [1.0])
     """Each instance's budget is multiplied by each scale (1.0 must be present: references are taken there)."""
-    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    options: dict[str, dict[str, Any]] = field(
+        default_factory=lambda: {
+            "ppo": {"n_steps": 8, "batch_size": 8},
+            "maskable_ppo": {"n_steps": 8, "batch_size": 8},
+            "a2c": {"n_steps": 8},
+        }
+    )
     """Per-method options: baseline keywords (agents.baselines), GoExploreConfig or PPOConfig fields."""
     runs_dir: str = "runs"
     """Folder under which the benchmark's run folder is created."""

@@ -131,7 +131,10 @@ def test_inspect_lists_modules(capsys):
     assert "cls.predictions" not in out
 
 
-@pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parents[2].joinpath("configs").glob("*.yaml")))
+CONFIGS = sorted(Path(__file__).resolve().parents[2].joinpath("configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if not p.name.startswith("bench_")], ids=lambda p: p.name)
 def test_shipped_configs_validate(path):
     config = load_train_config(str(path))
     assert config.train_instances and config.env_config(config.train_instances[0]).decisions >= 1

@@ -1,0 +1,170 @@
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from agents.bench import METHODS, BenchConfig, grid, load_bench_config, run_bench
+from agents.bench_report import instance_labels, mean_ci
+from agents.runs import UNFINISHED, is_complete
+from strato_env.config import from_dict
+
+ROOT = Path(__file__).resolve().parents[2]
+PLANTED = str(ROOT / "configs" / "bench_planted.yaml")
+TINY = {
+    "env": {"decisions": 2, "inner_steps": 5, "probe_steps": 2, "task": {"train_examples": 64, "eval_examples": 16}},
+    "test_instances": [{"model": "bert-tiny"}],
+    "seeds": [0],
+    "search_steps": 20,
+    "quick": {},
+}
+
+
+def _tiny(tmp_path, name, **values) -> BenchConfig:
+    return from_dict(BenchConfig, TINY | {"runs_dir": str(tmp_path), "name": name} | values)
+
+
+def _results(path: Path) -> list[dict[str, str]]:
+    with open(path / "results.csv") as file:
+        return list(csv.DictReader(file))
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    config = load_bench_config(PLANTED, [f"runs_dir={tmp_path_factory.mktemp('bench')}"], quick=True)
+    return config, run_bench(config)
+
+
+def test_quick_bench_writes_every_cell_references_and_plots(quick_run):
+    config, path = quick_run
+    assert is_complete(path) and config.name == "bench_planted-quick"
+    rows = _results(path)
+    labels = instance_labels(config)
+    expected = {(m, i, str(s)) for m in METHODS for i in labels for s in config.seeds}
+    assert {(r["method"], r["instance"], r["seed"]) for r in rows} == expected
+    assert all(r["status"] == "ok" for r in rows), [r["error"] for r in rows if r["error"]]
+    for row in rows:
+        if row["method"] in ("oracle", "uniform"):
+            assert float(row["gap_closed"]) == (1.0 if row["method"] == "oracle" else 0.0)
+        assert int(row["params"]) <= int(row["budget"])
+    summary = (path / "summary.md").read_text()
+    images = json.loads((path / "report.json").read_text())["images"]
+    assert len(images) == 2 + len(labels)
+    for name in images:
+        data = (path / name).read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 5000, name
+        assert f"({name})" in summary
+    for method in METHODS:
+        assert f"| {method} |" in summary or f"| **{method}** |" in summary
+
+
+def test_quick_bench_spends_equal_cost(quick_run):
+    config, path = quick_run
+    rows = _results(path)
+    assert {int(r["final_steps"]) for r in rows} == {config.episode_steps}  # measured by the env
+    assert all(0 <= int(r["optimizer_steps"]) <= config.search_steps for r in rows)
+    spent = {r["method"]: int(r["optimizer_steps"]) for r in rows}
+    assert spent["uniform"] == spent["oracle"] == 0
+    for method in ("random", "tpe", "go_explore", "ppo", "a2c", "maskable_ppo"):
+        assert spent[method] > config.search_steps // 2, method  # a search that used most of its cap
+    policy = json.loads((path / "policies" / "maskable_ppo-s0.json").read_text())
+    assert policy["optimizer_steps"] == spent["maskable_ppo"] - config.episode_steps
+
+
+def test_cells_reproduce_across_process_pool_and_ray(tmp_path):
+    methods = ["random", "greedy"]
+    serial = _results(run_bench(_tiny(tmp_path, "serial", methods=methods)))
+    pooled = _results(run_bench(_tiny(tmp_path, "pool", methods=methods), workers=2))
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        distributed = _results(run_bench(_tiny(tmp_path, "ray", methods=methods), workers=2, backend="ray"))
+    finally:
+        ray.shutdown()
+    for other in (pooled, distributed):
+        assert [(r["method"], r["final_loss"], r["params"]) for r in other] == [
+            (r["method"], r["final_loss"], r["params"]) for r in serial
+        ]
+
+
+def test_failing_cell_is_recorded_and_the_grid_goes_on(tmp_path):
+    config = _tiny(tmp_path, "failing", methods=["random", "greedy"], options={"random": {"max_proposal": 3}})
+    path = run_bench(config)
+    rows = {r["method"]: r for r in _results(path)}
+    assert rows["random"]["status"] == "error"
+    assert "max_proposal" in rows["random"]["error"] and math.isnan(float(rows["random"]["final_loss"]))
+    assert rows["greedy"]["status"] == rows["uniform"]["status"] == rows["oracle"]["status"] == "ok"
+    assert is_complete(path)
+    assert "## Failed cells" in (path / "summary.md").read_text()
+
+
+def test_interrupted_bench_resumes_without_rerunning_finished_cells(tmp_path):
+    config = _tiny(tmp_path, "resume", methods=["random"], seeds=[0, 1, 2], search_steps=30)
+    config_file = tmp_path / "resume.yaml"
+    config_file.write_text(yaml.safe_dump(config.to_dict()))
+    cells = tmp_path / "resume" / "cells"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "agents.cli", "bench", str(config_file)],
+        env=os.environ | {"OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not (cells.is_dir() and any(cells.glob("*.json"))):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    finished = {p.name: (p.stat().st_mtime_ns, p.read_text()) for p in cells.glob("*.json")}
+    assert finished and len(finished) < len(grid(config))
+    assert (tmp_path / "resume" / UNFINISHED).exists()
+
+    path = run_bench(load_bench_config(str(config_file)))
+    assert is_complete(path) and len(_results(path)) == len(grid(config))
+    for name, (mtime, text) in finished.items():
+        assert (cells / name).stat().st_mtime_ns == mtime and (cells / name).read_text() == text
+
+
+def test_another_config_under_the_same_name_is_refused(tmp_path):
+    run_bench(_tiny(tmp_path, "taken", methods=["greedy"]))
+    with pytest.raises(ValueError, match="holds another benchmark"):
+        run_bench(_tiny(tmp_path, "taken", methods=["greedy"], seeds=[1]))
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"methods": ["ppo", "sac"]}, "methods: 'sac' is not a method"),
+        ({"test_instances": [{"decisions": 4}]}, r"test_instances\[0\].decisions: set it in env"),
+        ({"search_steps": 5}, "search_steps=5 is invalid: expected an integer >= one episode"),
+        ({"budget_scales": [0.5]}, "budget_scales=.* holds 1.0"),
+        ({"seeds": [0, 0]}, "seeds=.* a seed is repeated"),
+        ({"options": {"dqn": {}}}, "options.dqn: not a method"),
+        ({"test_instances": [{"learning_rate": -1}]}, r"test_instances\[0\]: learning_rate=-1"),
+        ({"quick": {"seeds": []}}, "quick: seeds=.* non-empty"),
+        ({"workers": 2}, "unknown key 'workers'"),
+    ],
+)
+def test_bad_bench_config_names_the_key(values, message):
+    with pytest.raises(ValueError, match=message):
+        from_dict(BenchConfig, TINY | values)
+
+
+def test_cli_rejects_bad_workers_and_backend(tmp_path, capsys):
+    from agents.cli import main
+
+    assert main(["bench", f"runs_dir={tmp_path}", "--workers", "0"]) == 2
+    assert "--workers 0 is invalid" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before any folder or work
+
+
+def test_mean_ci_matches_student_t():
+    mean, half = mean_ci([1.0, 2.0, 3.0])
+    assert mean == 2.0 and half == pytest.approx(4.302653 * 1.0 / math.sqrt(3), rel=1e-6)
+    assert math.isnan(mean_ci([5.0])[1]) and mean_ci([5.0, float("nan")])[0] == 5.0
