@@ -46,10 +46,10 @@ PROTOCOL_KEYS = ("decisions", "inner_steps")
 BACKENDS = ("process", "ray")
 
 QUICK = {
-    "env": {"decisions": 2, "inner_steps": 5, "probe_steps": 2, "task": {"train_examples": 64, "eval_examples": 16}},
+    "env": {"decisions": 2, "inner_steps": 5, "probe_steps": 1, "task": {"train_examples": 64, "eval_examples": 16}},
     "test_instances": [{"model": "llama-tiny"}, {"model": "bert-tiny"}],
     "seeds": [0],
-    "search_steps": 30,
+    "search_steps": 100,
     "options": {
         "tpe": {"n_startup_trials": 2},
         "ppo": {"n_steps": 2, "batch_size": 2, "n_epochs": 2},
@@ -238,16 +238,28 @@ def grid(config: BenchConfig) -> list[Cell]:
     return cells
 
 
+def _probe_steps(config: BenchConfig, instance: dict[str, Any]) -> int:
+    """Optimizer steps of the instance's importance probe (see RankAllocationEnv.probe_optimizer_steps)."""
+    from strato_env.instance import get_instance
+
+    env_config = config.env_config(instance)
+    return env_config.probe_steps * len(get_instance(env_config).modules)
+
+
 def _policy_timesteps(config: BenchConfig, options: dict[str, Any]) -> int:
-    """Env steps of policy training: whole rollouts within `search_steps` minus the held-out episode."""
+    """Env steps of policy training: whole rollouts within `search_steps`, less the importance probes of the
+    train instances and of the costliest held-out instance, and less the held-out episode."""
     inner_steps = config.env_config({}).inner_steps
     n_steps = options.get("n_steps", 16)
-    decisions = (config.search_steps - config.episode_steps) // inner_steps
+    probes = sum(_probe_steps(config, i) for i in config.train_instances)
+    probes += max(_probe_steps(config, i) for i in config.test_instances)
+    decisions = (config.search_steps - config.episode_steps - probes) // inner_steps
     timesteps = decisions // n_steps * n_steps if isinstance(n_steps, int) and n_steps > 0 else 0
     if timesteps < 1:
         raise ValueError(
-            f"search_steps={config.search_steps} leaves {decisions} training decisions after the held-out episode, "
-            f"fewer than one rollout (n_steps={n_steps!r}); allowed: raise search_steps or lower n_steps"
+            f"search_steps={config.search_steps} leaves {decisions} training decisions after the importance probes "
+            f"({probes} steps) and the held-out episode, fewer than one rollout (n_steps={n_steps!r}); "
+            "allowed: raise search_steps or lower n_steps"
         )
     return timesteps
 
@@ -269,38 +281,50 @@ def _train_policy(config: BenchConfig, method: str, seed: int) -> dict[str, Any]
     with tempfile.TemporaryDirectory() as folder:
         save_policy(model, f"{folder}/policy.zip")
         policy = Path(f"{folder}/policy.zip").read_bytes()
-    return {"optimizer_steps": sum(env.total_optimizer_steps for env in envs) - before, "policy": policy}
+    steps = sum(env.total_optimizer_steps - before + env.probe_optimizer_steps for env in envs)
+    return {"optimizer_steps": steps, "policy": policy}
 
 
 def _search(config: BenchConfig, cell: Cell, env, policy: dict[str, Any] | None) -> tuple[dict, int, list]:
-    """(allocation, optimizer steps spent, best-so-far history) of `cell.method` on `env`."""
+    """(allocation, optimizer steps spent, best-so-far history) of `cell.method` on `env`.
+
+    Methods that read the env's importance feature (greedy, policies, importance-guided Go-Explore) are
+    charged the instance's probe as well.
+    """
     from agents.baselines import BASELINES
     from agents.evaluation import run_policy_episode
     from agents.go_explore import GoExplore, GoExploreConfig
     from agents.ppo.train import load_policy
 
     options = dict(config.options.get(cell.method, {}))
-    before = env.total_optimizer_steps
+    before, probe = env.total_optimizer_steps, env.probe_optimizer_steps
     if cell.method in POLICY_METHODS:
         with tempfile.TemporaryDirectory() as folder:
             write_atomic(Path(folder) / "policy.zip", policy["policy"])
             agent = load_policy(f"{folder}/policy.zip")
         episode = run_policy_episode(agent, env, seed=cell.seed)
-        steps = policy["optimizer_steps"] + env.total_optimizer_steps - before
+        steps = policy["optimizer_steps"] + probe + env.total_optimizer_steps - before
         return episode["allocation"], steps, [(steps, episode["loss"])]
     if cell.method == "oracle":
         return dict(env.data.oracle_ranks), 0, []
+    guided = cell.method == "go_explore" and options.get("importance_guided", GoExploreConfig.importance_guided)
+    probe = probe if cell.method == "greedy" or guided else 0
+    cap = config.search_steps - probe
+    if cap < (env.config.inner_steps if cell.method == "go_explore" else 0):
+        raise ValueError(
+            f"search_steps={config.search_steps} leaves {cap} optimizer steps to {cell.method} after the importance "
+            f"probe ({probe} steps); allowed: raise search_steps"
+        )
     if cell.method == "go_explore":
         if "max_optimizer_steps" in options:
             raise ValueError("options.go_explore.max_optimizer_steps: set by search_steps, not allowed as an option")
-        settings = options | {"max_optimizer_steps": config.search_steps}
-        settings = from_dict(GoExploreConfig, settings, "options.go_explore.")
+        settings = from_dict(GoExploreConfig, options | {"max_optimizer_steps": cap}, "options.go_explore.")
         result = GoExplore(settings).run(env, seed=cell.seed)
     else:
-        result = BASELINES[cell.method](env, seed=cell.seed, max_optimizer_steps=config.search_steps, **options)
+        result = BASELINES[cell.method](env, seed=cell.seed, max_optimizer_steps=cap, **options)
     measured = env.total_optimizer_steps - before
-    steps = result.optimizer_steps if cell.method == "adalora" else measured  # AdaLoRA trains its own model
-    return result.allocation, steps, [tuple(point) for point in result.history]
+    steps = result.optimizer_steps if cell.method == "adalora" else measured + probe  # AdaLoRA trains its own model
+    return result.allocation, steps, [(s + probe, loss) for s, loss in result.history]
 
 
 def _run_cell(config: BenchConfig, cell: Cell, policy: dict[str, Any] | None) -> dict[str, Any]:

@@ -360,6 +360,12 @@ class RankAllocationEnv(gym.Env):
         return loss
 
     @property
+    def probe_optimizer_steps(self) -> int:
+        """Optimizer steps of the once-per-instance probe behind the importance feature (`probe_steps` on each
+        module alone). It is cached per instance and not counted in `total_optimizer_steps`."""
+        return self.config.probe_steps * len(self.modules)
+
+    @property
     def decisions_made(self) -> int:
         """Decisions taken in the current episode (0 before the first reset)."""
         return self._episode["decision"] if self._episode is not None else 0

@@ -29,6 +29,9 @@ class GoExploreConfig:
     """Env steps per exploration from a selected cell; None: until the episode ends."""
     keep_probability: float = 0.5
     """Random exploration: chance that a module keeps its rank; otherwise a uniform allowed shrink or grow."""
+    importance_guided: bool = True
+    """Random exploration: a slot that moves grows with probability equal to its observed importance (and
+    shrinks otherwise); False: grow and shrink are equally likely."""
     improvement_bonus: float = 0.1
     """Extra selection weight per past exploration that found a new or better cell (0 = pure count-based)."""
 
@@ -39,5 +42,7 @@ class GoExploreConfig:
             _fail("explore_steps", self.explore_steps, "expected an integer >= 1, or None (until the episode ends)")
         if not _is_number(self.keep_probability) or not 0 <= self.keep_probability <= 1:
             _fail("keep_probability", self.keep_probability, "expected a number in [0, 1]")
+        if not isinstance(self.importance_guided, bool):
+            _fail("importance_guided", self.importance_guided, "expected true or false")
         if not _is_number(self.improvement_bonus) or self.improvement_bonus < 0:
             _fail("improvement_bonus", self.improvement_bonus, "expected a finite number >= 0")

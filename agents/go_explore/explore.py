@@ -14,7 +14,7 @@ from agents.go_explore.archive import Archive, CellEntry
 from agents.go_explore.cells import CellFunction, DepthProfileCell
 from agents.go_explore.config import GoExploreConfig
 from agents.result import SearchResult
-from strato_env.env import GROW, KEEP, SHRINK
+from strato_env.env import GROW, KEEP, MODULE_FEATURES, SHRINK
 
 
 class Policy(Protocol):
@@ -23,14 +23,23 @@ class Policy(Protocol):
     def predict(self, observation: Any, *, action_masks: np.ndarray, deterministic: bool) -> tuple[Any, Any]: ...
 
 
-def random_action(masks: np.ndarray, rng: np.random.Generator, keep_probability: float) -> np.ndarray:
-    """Per module slot: keep with `keep_probability`, else a uniform allowed shrink or grow (keep if neither)."""
+def random_action(
+    masks: np.ndarray, rng: np.random.Generator, keep_probability: float, importance: np.ndarray | None = None
+) -> np.ndarray:
+    """Per module slot: keep with `keep_probability`, else an allowed shrink or grow (keep if neither).
+
+    Without `importance` shrink and grow are equally likely; with it (one value in [0, 1] per slot, the
+    observation's importance feature) a slot grows with probability `importance` and shrinks otherwise, so
+    exploration moves rank toward the modules the env rates as still able to gain.
+    """
     allowed = masks.reshape(-1, 3)
     action = np.full(len(allowed), KEEP, dtype=np.int64)
     for slot, row in enumerate(allowed):
-        moves = [move for move in (SHRINK, GROW) if row[move]]
-        if moves and rng.random() >= keep_probability:
-            action[slot] = moves[int(rng.integers(len(moves)))]
+        if rng.random() < keep_probability or not (row[SHRINK] or row[GROW]):
+            continue
+        grow = 0.5 if importance is None else float(importance[slot])
+        wanted = GROW if rng.random() < grow else SHRINK
+        action[slot] = wanted if row[wanted] else (GROW if wanted == SHRINK else SHRINK)
     return action
 
 
@@ -109,7 +118,10 @@ class GoExplore:
     def _action(self, base: Any, observation: dict[str, np.ndarray], rng: np.random.Generator) -> np.ndarray:
         masks = base.action_masks()
         if self.policy is None:
-            return random_action(masks, rng, self.config.keep_probability)
+            importance = None
+            if self.config.importance_guided:
+                importance = observation["modules"].reshape(len(masks) // 3, MODULE_FEATURES)[:, 0]
+            return random_action(masks, rng, self.config.keep_probability, importance)
         action, _ = self.policy.predict(observation, action_masks=masks, deterministic=False)
         return np.asarray(action, dtype=np.int64).reshape(-1)
 

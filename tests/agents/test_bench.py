@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agents.bench import METHODS, BenchConfig, grid, load_bench_config, run_bench
+from agents.bench import METHODS, BenchConfig, _probe_steps, grid, load_bench_config, run_bench
 from agents.bench_report import instance_labels, mean_ci
 from agents.runs import UNFINISHED, is_complete
 from strato_env.config import from_dict
@@ -19,10 +19,10 @@ from strato_env.config import from_dict
 ROOT = Path(__file__).resolve().parents[2]
 PLANTED = str(ROOT / "configs" / "bench_planted.yaml")
 TINY = {
-    "env": {"decisions": 2, "inner_steps": 5, "probe_steps": 2, "task": {"train_examples": 64, "eval_examples": 16}},
+    "env": {"decisions": 2, "inner_steps": 5, "probe_steps": 1, "task": {"train_examples": 64, "eval_examples": 16}},
     "test_instances": [{"model": "bert-tiny"}],
     "seeds": [0],
-    "search_steps": 20,
+    "search_steps": 40,
     "quick": {},
 }
 
@@ -70,12 +70,18 @@ def test_quick_bench_spends_equal_cost(quick_run):
     rows = _results(path)
     assert {int(r["final_steps"]) for r in rows} == {config.episode_steps}  # measured by the env
     assert all(0 <= int(r["optimizer_steps"]) <= config.search_steps for r in rows)
-    spent = {r["method"]: int(r["optimizer_steps"]) for r in rows}
-    assert spent["uniform"] == spent["oracle"] == 0
-    for method in ("random", "tpe", "go_explore", "ppo", "a2c", "maskable_ppo"):
-        assert spent[method] > config.search_steps // 2, method  # a search that used most of its cap
-    policy = json.loads((path / "policies" / "maskable_ppo-s0.json").read_text())
-    assert policy["optimizer_steps"] == spent["maskable_ppo"] - config.episode_steps
+    spent = {(r["method"], r["instance"]): int(r["optimizer_steps"]) for r in rows}
+    train_probe = _probe_steps(config, config.train_instances[0])
+    for index, label in enumerate(instance_labels(config)):
+        probe = _probe_steps(config, config.test_instances[index])  # importance readers pay the probe
+        assert spent["uniform", label] == spent["oracle", label] == 0
+        assert spent["greedy", label] == probe
+        for method in ("random", "tpe", "go_explore"):
+            assert spent[method, label] > config.search_steps // 2, method  # a search that used most of its cap
+        for method in ("ppo", "a2c", "maskable_ppo"):
+            policy = json.loads((path / "policies" / f"{method}-s0.json").read_text())
+            assert policy["optimizer_steps"] > train_probe  # the train instance's probe, then training
+            assert spent[method, label] == policy["optimizer_steps"] + probe + config.episode_steps
 
 
 def test_cells_reproduce_across_process_pool_and_ray(tmp_path):

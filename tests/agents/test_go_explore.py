@@ -16,7 +16,7 @@ from agents.go_explore import (
     GoExploreConfig,
     random_action,
 )
-from strato_env.env import KEEP, RankAllocationEnv
+from strato_env.env import GROW, KEEP, SHRINK, RankAllocationEnv
 
 SEED = 3
 BUDGET = 8  # optimizer steps: 4 env steps of inner_steps=2
@@ -162,9 +162,26 @@ def test_random_action_respects_masks() -> None:
     assert set(actions[:, 0]) == {0, 1, 2} and set(actions[:, 3]) == {KEEP}
 
 
+def test_importance_guided_action_grows_important_and_shrinks_unimportant_slots() -> None:
+    masks = np.ones((3, 3), dtype=bool)
+    masks[2, SHRINK] = False  # slot 2 cannot shrink: a slot that moves grows, whatever its importance
+    rng = np.random.default_rng(0)
+    importance = np.array([1.0, 0.0, 0.0])
+    actions = np.array([random_action(masks.reshape(-1), rng, 0.5, importance) for _ in range(300)])
+    assert set(actions[:, 0]) == {KEEP, GROW} and set(actions[:, 1]) == {KEEP, SHRINK}
+    assert set(actions[:, 2]) == {KEEP, GROW}
+    assert 100 < np.sum(actions[:, 0] == KEEP) < 200  # keep_probability 0.5
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("max_optimizer_steps", 0), ("explore_steps", 0), ("keep_probability", 1.5), ("improvement_bonus", -1.0)],
+    [
+        ("max_optimizer_steps", 0),
+        ("explore_steps", 0),
+        ("keep_probability", 1.5),
+        ("importance_guided", "yes"),
+        ("improvement_bonus", -1.0),
+    ],
 )
 def test_config_rejects_bad_values(field: str, value: Any) -> None:
     with pytest.raises(ValueError, match=f"{field}={value!r} is invalid"):
