@@ -33,7 +33,7 @@ from typing import Any
 import yaml
 from tqdm.auto import tqdm
 
-from agents.config import merge, parse_overrides
+from agents.config import merge, read_config
 from agents.runs import RunFolder, write_atomic
 from strato_env.config import EnvConfig, from_dict
 
@@ -150,9 +150,8 @@ class BenchConfig:
         if len(set(seeds)) != len(seeds):
             raise ValueError(f"seeds={seeds!r} is invalid: a seed is repeated")
         scales = self.budget_scales
-        if not isinstance(scales, list) or any(isinstance(s, bool) or not isinstance(s, int | float) for s in scales):
-            raise ValueError(f"budget_scales={scales!r} is invalid: expected a list of numbers > 0 that holds 1.0")
-        if 1.0 not in scales or any(s <= 0 for s in scales):
+        numbers = isinstance(scales, list) and all(type(s) in (int, float) and s > 0 for s in scales)
+        if not numbers or 1.0 not in scales:
             raise ValueError(f"budget_scales={scales!r} is invalid: expected a list of numbers > 0 that holds 1.0")
         if not isinstance(self.options, dict) or not isinstance(self.quick, dict):
             raise ValueError("options and quick must be mappings")
@@ -194,15 +193,7 @@ class BenchConfig:
 
 def load_bench_config(path: str | None = None, overrides: list[str] | None = None, quick: bool = False) -> BenchConfig:
     """A BenchConfig from YAML plus `key=value` overrides; `quick` applies the config's `quick` section."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        if not Path(path).is_file():
-            raise ValueError(f"config file {path!r} does not exist")
-        values = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"config file {path!r} must hold a mapping of BenchConfig keys")
-    values = merge(values, parse_overrides(overrides or []))
-    config = from_dict(BenchConfig, values)
+    config = from_dict(BenchConfig, read_config(path, overrides, "BenchConfig"))
     name = config.name or (Path(path).stem if path else "bench")
     if quick:
         values = merge(config.to_dict(), config.quick) | {"quick": {}}

@@ -98,13 +98,17 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return result
 
 
-def load_train_config(path: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
+def read_config(path: str | None, overrides: list[str] | None, kind: str) -> dict[str, Any]:
+    """The mapping in YAML file `path` (if any) updated by `key=value` overrides; `kind` names it in errors."""
     values: dict[str, Any] = {}
     if path is not None:
         if not Path(path).is_file():
             raise ValueError(f"config file {path!r} does not exist")
         values = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(values, dict):
-            raise ValueError(f"config file {path!r} must hold a mapping of TrainConfig keys")
-    values = merge(values, parse_overrides(overrides or []))
-    return from_dict(TrainConfig, values)
+            raise ValueError(f"config file {path!r} must hold a mapping of {kind} keys")
+    return merge(values, parse_overrides(overrides or []))
+
+
+def load_train_config(path: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    return from_dict(TrainConfig, read_config(path, overrides, "TrainConfig"))

@@ -174,3 +174,36 @@ def test_mean_ci_matches_student_t():
     mean, half = mean_ci([1.0, 2.0, 3.0])
     assert mean == 2.0 and half == pytest.approx(4.302653 * 1.0 / math.sqrt(3), rel=1e-6)
     assert math.isnan(mean_ci([5.0])[1]) and mean_ci([5.0, float("nan")])[0] == 5.0
+
+
+def test_text_summary_finds_the_parameters_that_match_uniform():
+    from agents.bench_report import _parameters_to_match
+
+    def row(method, scale, loss, params):
+        return {
+            "method": method,
+            "instance": "gpt2-tiny/causal_lm/text",
+            "budget_scale": scale,
+            "seed": 0,
+            "final_loss": loss,
+            "params": params,
+            "budget": 1000,
+            "status": "ok",
+        }
+
+    rows = [
+        row("uniform", 0.5, 3.0, 500),
+        row("uniform", 0.7, 2.8, 700),
+        row("uniform", 1.0, 2.5, 1000),
+        row("tpe", 0.5, 2.6, 480),
+        row("tpe", 0.7, 2.4, 650),
+        row("tpe", 1.0, 2.3, 990),
+        row("random", 0.5, 2.9, 500),
+        row("random", 0.7, 2.7, 690),
+        row("random", 1.0, 2.6, 1000),
+    ]
+    lines = "\n".join(_parameters_to_match(rows, planted=set()))
+    assert "| gpt2-tiny/causal_lm/text | tpe | 2.3 | 0.7 | 0.650 | yes |" in lines
+    assert "| gpt2-tiny/causal_lm/text | random | 2.6 | none | n/a | no |" in lines
+    assert "| gpt2-tiny/causal_lm/text | uniform | 2.5 | 1 | 1.000 | no |" in lines
+    assert _parameters_to_match(rows, planted={"gpt2-tiny/causal_lm/text"}) == []
