@@ -194,9 +194,9 @@ class BenchConfig:
 def load_bench_config(path: str | None = None, overrides: list[str] | None = None, quick: bool = False) -> BenchConfig:
     """A BenchConfig from YAML plus `key=value` overrides; `quick` applies the config's `quick` section."""
     config = from_dict(BenchConfig, read_config(path, overrides, "BenchConfig"))
-    name = config.name or (Path(path).stem if path else "bench")
+    name, values = config.name or (Path(path).stem if path else "bench"), config.to_dict()
     if quick:
-        values = merge(config.to_dict(), config.quick) | {"quick": {}}
+        values = merge(values, config.quick) | {"quick": {}}
         name = f"{name}-quick" if config.name is None else name
     return from_dict(BenchConfig, values | {"name": name})
 

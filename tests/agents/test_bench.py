@@ -162,10 +162,10 @@ def test_bad_bench_config_names_the_key(values, message):
         from_dict(BenchConfig, TINY | values)
 
 
-def test_cli_rejects_bad_workers_and_backend(tmp_path, capsys):
+def test_cli_rejects_bad_workers_before_any_work(tmp_path, capsys):
     from agents.cli import main
 
-    assert main(["bench", f"runs_dir={tmp_path}", "--workers", "0"]) == 2
+    assert main(["bench", "--workers", "0", f"runs_dir={tmp_path}"]) == 2  # an override may follow an option
     assert "--workers 0 is invalid" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # refused before any folder or work
 
@@ -207,3 +207,13 @@ def test_text_summary_finds_the_parameters_that_match_uniform():
     assert "| gpt2-tiny/causal_lm/text | random | 2.6 | none | n/a | no |" in lines
     assert "| gpt2-tiny/causal_lm/text | uniform | 2.5 | 1 | 1.000 | no |" in lines
     assert _parameters_to_match(rows, planted={"gpt2-tiny/causal_lm/text"}) == []
+
+
+@pytest.mark.parametrize("name", ["bench_planted", "bench_text"])
+def test_shipped_bench_configs_load_full_and_quick(name):
+    path = str(ROOT / "configs" / f"{name}.yaml")
+    full, quick = load_bench_config(path), load_bench_config(path, quick=True)
+    assert (full.name, quick.name) == (name, f"{name}-quick")
+    assert full.seeds == [0, 1, 2, 3, 4] and len(quick.seeds) == 1
+    assert quick.episode_steps < full.episode_steps and quick.search_steps < full.search_steps
+    assert set(full.methods) == set(METHODS) - {"uniform", "oracle"}
