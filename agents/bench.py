@@ -33,7 +33,7 @@ from typing import Any
 import yaml
 from tqdm.auto import tqdm
 
-from agents.config import merge, read_config
+from agents.config import InstanceSet, merge, read_config
 from agents.runs import RunFolder, write_atomic
 from strato_env.config import EnvConfig, from_dict
 
@@ -61,7 +61,7 @@ QUICK = {
 
 
 @dataclass
-class BenchConfig:
+class BenchConfig(InstanceSet):
     """One benchmark grid. The defaults are `configs/bench_planted.yaml`."""
 
     name: str | None = None
@@ -159,23 +159,12 @@ class BenchConfig:
     # ---- derived --------------------------------------------------------------------------------------------
     @property
     def episode_steps(self) -> int:
-        config = self.env_config({}, "env")
+        config = self.env_config({})
         return config.decisions * config.inner_steps
 
     @property
     def policies(self) -> list[str]:
         return [m for m in self.methods if m in POLICY_METHODS]
-
-    def labelled_instances(self) -> list[tuple[str, dict[str, Any]]]:
-        return [(f"train_instances[{i}]", x) for i, x in enumerate(self.train_instances)] + [
-            (f"test_instances[{i}]", x) for i, x in enumerate(self.test_instances)
-        ]
-
-    def env_config(self, instance: dict[str, Any], where: str = "env") -> EnvConfig:
-        try:
-            return from_dict(EnvConfig, merge(self.env, instance))
-        except ValueError as error:
-            raise ValueError(f"{where}: {error}") from None
 
     def make_env(self, instance: dict[str, Any], scale: float = 1.0):
         """The instance's env; with `scale != 1` its budget (given or default) is multiplied by `scale`."""
@@ -508,10 +497,9 @@ def run_bench(
                 phase_two.append({"kind": "cell", "config": values, "cell": asdict(cell), "policy": policy})
         _execute(phase_two, workers, backend, on_result)
         bar.close()
-        ordered = [rows[c.key] for c in cells]
-        write_report(folder, config, ordered, command)
+        results, images = write_report(folder, config, [rows[c.key] for c in cells], command)
         if publish is not None:
-            publish_results(folder, config, ordered, publish, command)
+            publish_results(folder, config, results, images, publish, command)
     except BaseException as error:
         folder.mark_interrupted(f"{type(error).__name__}: {error}")
         raise

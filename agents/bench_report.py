@@ -341,8 +341,12 @@ def _slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", label).strip("_")
 
 
-def write_report(folder: BenchFolder, config: BenchConfig, cells: list[dict[str, Any]], command: str | None) -> None:
-    """results.csv, the plots, then summary.md (last, so a summary always comes with its figures)."""
+def write_report(
+    folder: BenchFolder, config: BenchConfig, cells: list[dict[str, Any]], command: str | None
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """results.csv, the plots, then summary.md (last, so a summary always comes with its figures).
+
+    Returns the results rows and the plot file names, in the summary's order."""
     labels = instance_labels(config)
     rows = table_rows(config, cells)
     folder.write_csv("results.csv", [{k: row[k] for k in COLUMNS} for row in rows])
@@ -354,6 +358,7 @@ def write_report(folder: BenchFolder, config: BenchConfig, cells: list[dict[str,
         folder.save_figure(images[-1], rank_plot(config, cells, index, label))
     folder.write_text("summary.md", summary_markdown(config, rows, command, images))
     folder.write_json("report.json", {"images": images, "command": command})
+    return rows, images
 
 
 def _machine() -> str:
@@ -370,17 +375,20 @@ def _machine() -> str:
 
 
 def publish_results(
-    folder: BenchFolder, config: BenchConfig, cells: list[dict[str, Any]], target: str, command: str | None
+    folder: BenchFolder,
+    config: BenchConfig,
+    rows: list[dict[str, Any]],
+    images: list[str],
+    target: str,
+    command: str | None,
 ) -> Path:
-    """Write this benchmark's section of `target`/RESULTS.md (replacing an earlier one) and copy its plots."""
-    images = [name for name in os.listdir(folder.path) if name.endswith(".png")]
+    """Write this benchmark's section of `target`/RESULTS.md (replacing an earlier one) and copy its plots
+    (`rows` and `images` as `write_report` returns them)."""
     plots = Path(target) / "results" / str(config.name)
     plots.mkdir(parents=True, exist_ok=True)
     for name in images:
         shutil.copyfile(folder.path / name, plots / name)
-    ordered = [name for name in ("best_so_far.png", "loss_vs_params.png") if name in images]
-    ordered += sorted(name for name in images if name not in ordered)
-    body = summary_markdown(config, table_rows(config, cells), command, ordered, prefix=f"results/{config.name}/")
+    body = summary_markdown(config, rows, command, images, prefix=f"results/{config.name}/")
     title, rest = body.split("\n", 1)
     stamp = f"\n\nRun on {time.strftime('%Y-%m-%d')} on {_machine()}; "
     stamp += f"wall time of the last invocation {folder.wall_seconds:.0f} s.\n"

@@ -27,8 +27,25 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+class InstanceSet:
+    """What configs with `env` (EnvConfig fields) and `train_instances` / `test_instances` (overrides of `env`)
+    share: labelled instances and their validated EnvConfig."""
+
+    def labelled_instances(self) -> list[tuple[str, dict[str, Any]]]:
+        return [(f"train_instances[{i}]", x) for i, x in enumerate(self.train_instances)] + [
+            (f"test_instances[{i}]", x) for i, x in enumerate(self.test_instances)
+        ]
+
+    def env_config(self, instance: dict[str, Any], where: str = "env") -> EnvConfig:
+        """`env` updated by `instance`, validated; errors start with `where`."""
+        try:
+            return from_dict(EnvConfig, merge(self.env, instance))
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from None
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(InstanceSet):
     """One `strato train` run."""
 
     agent: str = "maskable_ppo"
@@ -64,19 +81,8 @@ class TrainConfig:
                 raise ValueError(f"{key}={instances!r} is invalid: expected a list of mappings of EnvConfig fields")
         if not self.train_instances:
             raise ValueError("train_instances=[] is invalid: at least one instance is needed")
-        for where, instance in self.instances():
+        for where, instance in self.labelled_instances():
             self.env_config(instance, where)  # every instance must be a valid EnvConfig, checked up front
-
-    def instances(self) -> list[tuple[str, dict[str, Any]]]:
-        return [(f"train_instances[{i}].", x) for i, x in enumerate(self.train_instances)] + [
-            (f"test_instances[{i}].", x) for i, x in enumerate(self.test_instances)
-        ]
-
-    def env_config(self, instance: dict[str, Any], where: str = "") -> EnvConfig:
-        try:
-            return from_dict(EnvConfig, merge(self.env, instance))
-        except ValueError as error:
-            raise ValueError(f"{where.rstrip('.') or 'env'}: {error}") from None
 
     def to_dict(self) -> dict[str, Any]:
         values = {f.name: getattr(self, f.name) for f in fields(self)}

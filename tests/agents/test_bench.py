@@ -111,6 +111,21 @@ def test_failing_cell_is_recorded_and_the_grid_goes_on(tmp_path):
     assert "## Failed cells" in (path / "summary.md").read_text()
 
 
+def test_publish_writes_one_section_per_benchmark_with_its_plots(tmp_path):
+    target = tmp_path / "published"
+    for name in ("first", "second", "first"):  # publishing "first" again replaces its section
+        run_bench(_tiny(tmp_path, name, methods=["greedy"]), command=f"strato bench {name}", publish=str(target))
+    text = (target / "RESULTS.md").read_text()
+    assert text.count("<!-- bench:first -->") == text.count("<!-- bench:second -->") == 1
+    assert text.index("bench:first") < text.index("bench:second")  # replaced in place, not appended
+    for name in ("first", "second"):
+        images = json.loads((tmp_path / name / "report.json").read_text())["images"]
+        for image in images:
+            assert (target / "results" / name / image).read_bytes() == (tmp_path / name / image).read_bytes()
+            assert f"](results/{name}/{image})" in text
+        assert f"`strato bench {name}`" in text
+
+
 def test_interrupted_bench_resumes_without_rerunning_finished_cells(tmp_path):
     config = _tiny(tmp_path, "resume", methods=["random"], seeds=[0, 1, 2], search_steps=30)
     config_file = tmp_path / "resume.yaml"

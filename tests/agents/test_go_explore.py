@@ -12,6 +12,7 @@ from agents.go_explore import (
     Archive,
     CellEntry,
     DepthProfileCell,
+    ExactAllocationCell,
     GoExplore,
     GoExploreConfig,
     random_action,
@@ -152,6 +153,15 @@ def test_policy_drives_exploration(env: RankAllocationEnv) -> None:
     assert len(policy.masks) == steps_taken == 1
     assert all(set(action) == {KEEP} for action in result.trajectory)
     assert set(result.allocation.values()) == {env.config.initial_rank}
+
+
+def test_a_swapped_cell_function_keys_the_archive(env: RankAllocationEnv) -> None:
+    agent = GoExplore(GoExploreConfig(max_optimizer_steps=BUDGET, explore_steps=2), cell=ExactAllocationCell())
+    agent.run(env, seed=SEED)
+    for entry in agent.archive:
+        ranks = tuple(env.ladder.index(entry.allocation[m.name]) for m in env.modules)
+        assert entry.cell == (len(entry.trajectory), *ranks)  # decisions made, then every module's ladder index
+    assert len(agent.archive) > 1
 
 
 def test_random_action_respects_masks() -> None:
