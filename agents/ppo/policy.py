@@ -65,14 +65,19 @@ class SlotNetwork(nn.Module):
 
 
 class SlotActionHead(nn.Module):
-    """The same linear map from a slot's latent to its 3 logits (shrink, keep, grow), for every slot."""
+    """The same linear map from a slot's latent to its 3 logits (shrink, keep, grow), for every slot.
 
-    def __init__(self, hidden: int) -> None:
+    `grow_bias` starts the grow logit that much above shrink and keep, so that the untrained policy's ranks
+    drift upward and its episodes fill the budget (unbiased, a slot's rank is a random walk that stays low).
+    """
+
+    def __init__(self, hidden: int, grow_bias: float = 0.0) -> None:
         super().__init__()
         self.hidden = hidden
         self.linear = nn.Linear(hidden, 3)
         nn.init.orthogonal_(self.linear.weight, gain=0.01)
-        nn.init.zeros_(self.linear.bias)
+        with torch.no_grad():
+            self.linear.bias.copy_(torch.tensor([0.0, 0.0, grow_bias]))
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
         return self.linear(latent.reshape(len(latent), -1, self.hidden)).flatten(1)
@@ -81,8 +86,9 @@ class SlotActionHead(nn.Module):
 class SlotPolicyMixin:
     """Builds the slot network and the per-slot action head in place of SB3's MLPs."""
 
-    def __init__(self, *args, hidden: int = 64, **kwargs) -> None:
+    def __init__(self, *args, hidden: int = 64, grow_bias: float = 0.0, **kwargs) -> None:
         self.hidden = hidden
+        self.grow_bias = grow_bias
         kwargs.setdefault("features_extractor_class", SlotFeatures)
         super().__init__(*args, **kwargs)
 
@@ -93,12 +99,12 @@ class SlotPolicyMixin:
 
     def _build(self, lr_schedule) -> None:
         super()._build(lr_schedule)
-        self.action_net = SlotActionHead(self.hidden)
+        self.action_net = SlotActionHead(self.hidden, self.grow_bias)
         # the optimizer built by super() holds the replaced head's parameters, not the new ones
         self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
 
     def _get_constructor_parameters(self) -> dict:
-        return {**super()._get_constructor_parameters(), "hidden": self.hidden}
+        return {**super()._get_constructor_parameters(), "hidden": self.hidden, "grow_bias": self.grow_bias}
 
 
 class SlotPolicy(SlotPolicyMixin, ActorCriticPolicy):

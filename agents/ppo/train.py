@@ -27,8 +27,8 @@ class PPOConfig:
 
     algorithm: str = "maskable_ppo"
     """'ppo' (SB3), 'maskable_ppo' (sb3-contrib, reads the env's action masks) or 'a2c' (SB3)."""
-    total_timesteps: int = 256
-    """Env steps (rank decisions) to train for: 32 default episodes, so that `strato train` with no
+    total_timesteps: int = 512
+    """Env steps (rank decisions) to train for: 64 default episodes, so that `strato train` with no
     arguments ends within 10 minutes on 2 CPU cores."""
     n_steps: int = 16
     """Env steps per rollout before each update (two default episodes)."""
@@ -48,6 +48,9 @@ class PPOConfig:
     """Entropy bonus."""
     hidden: int = 64
     """Width of the slot encoder and heads."""
+    grow_bias: float = 1.0
+    """Initial logit of grow above shrink and keep (0: all three equally likely). At 1 the untrained policy
+    grows a rank-0 module with probability 0.73, so its episodes fill the budget and show what rank buys."""
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -60,6 +63,8 @@ class PPOConfig:
             value = getattr(self, name)
             if not isinstance(value, int | float) or not low < value <= high:
                 raise ValueError(f"ppo.{name}={value!r} is invalid: expected a number in ({low}, {high}]")
+        if isinstance(self.grow_bias, bool) or not isinstance(self.grow_bias, int | float) or not abs(self.grow_bias) < 1e3:
+            raise ValueError(f"ppo.grow_bias={self.grow_bias!r} is invalid: expected a finite number")
         if not isinstance(self.ent_coef, int | float) or self.ent_coef < 0:
             raise ValueError(f"ppo.ent_coef={self.ent_coef!r} is invalid: expected a number >= 0")
 
@@ -97,6 +102,20 @@ class RoundRobinEnv(gym.Env):
         return self.current.action_masks()
 
 
+class RunEndIsTerminal(gym.Wrapper):
+    """What a learner sees: the last decision ends the fine-tuning run, so nothing follows it.
+
+    The env reports that end as truncation (it is a fixed episode length), and SB3 treats truncation as a
+    time limit outside the task: it adds gamma * V(final observation) to the last reward. A critic that
+    has learned "high loss now, much to gain later" then pays the policy for ending a run untrained. Reporting
+    the end as termination makes the last reward final, as it is.
+    """
+
+    def step(self, action):
+        observation, reward, terminated, truncated, info = self.env.step(action)
+        return observation, reward, terminated or truncated, False, info
+
+
 class EpisodeLog(BaseCallback):
     """Collects one row per finished episode and hands it to `on_episode`."""
 
@@ -126,6 +145,7 @@ class EpisodeLog(BaseCallback):
 
 
 def build_algorithm(config: PPOConfig, env: gym.Env, seed: int, tensorboard_log: str | None = None) -> BaseAlgorithm:
+    """The SB3 / sb3-contrib algorithm with the slot policy, learning on `env` wrapped in `RunEndIsTerminal`."""
     common = {
         "learning_rate": config.learning_rate,
         "n_steps": config.n_steps,
@@ -136,8 +156,9 @@ def build_algorithm(config: PPOConfig, env: gym.Env, seed: int, tensorboard_log:
         "verbose": 0,
         "tensorboard_log": tensorboard_log,
         "device": "cpu",
-        "policy_kwargs": {"hidden": config.hidden},
+        "policy_kwargs": {"hidden": config.hidden, "grow_bias": config.grow_bias},
     }
+    env = RunEndIsTerminal(env)
     if config.algorithm == "a2c":
         return A2C(SlotPolicy, env, **common)
     ppo_only = {"batch_size": config.batch_size, "n_epochs": config.n_epochs, "clip_range": config.clip_range}

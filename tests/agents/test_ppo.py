@@ -1,11 +1,12 @@
 import numpy as np
 import pytest
 import torch
+from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_checker import check_env
 
 from agents.evaluation import run_policy_episode
 from agents.ppo.policy import SlotActionHead
-from agents.ppo.train import PPOConfig, RoundRobinEnv, build_algorithm, load_policy, save_policy
+from agents.ppo.train import PPOConfig, RoundRobinEnv, RunEndIsTerminal, build_algorithm, load_policy, save_policy
 from strato_env.env import GROW, SHRINK, RankAllocationEnv
 
 TINY = {"decisions": 3, "inner_steps": 1, "probe_steps": 2, "task": {"eval_examples": 16}}
@@ -81,3 +82,47 @@ def test_bad_ppo_config_names_the_field():
         PPOConfig(algorithm="sac")
     with pytest.raises(ValueError, match=r"ppo.gamma=1.5 is invalid"):
         PPOConfig(gamma=1.5)
+    with pytest.raises(ValueError, match=r"ppo.grow_bias=nan is invalid"):
+        PPOConfig(grow_bias=float("nan"))
+
+
+@pytest.mark.parametrize("grow_bias", [0.0, 2.0])
+def test_grow_bias_sets_the_untrained_grow_probability_and_is_saved(grow_bias, gpt2_env, tmp_path):
+    model = build_algorithm(PPOConfig(grow_bias=grow_bias, **TINY_PPO), gpt2_env, seed=0)
+    save_policy(model, str(tmp_path / "policy.zip"))
+    observation, _ = gpt2_env.reset(seed=0)  # every module at rank 0: shrink is masked, keep or grow remain
+    n = len(gpt2_env.modules)
+    for policy in (model.policy, load_policy(str(tmp_path / "policy.zip")).policy):
+        obs_tensor, _ = policy.obs_to_tensor(observation)
+        distribution = policy.get_distribution(obs_tensor, action_masks=gpt2_env.action_masks())
+        grow = torch.stack([d.probs[0, GROW] for d in distribution.distributions[:n]])
+        expected = np.exp(grow_bias) / (1 + np.exp(grow_bias))
+        np.testing.assert_allclose(grow.detach().numpy(), expected, atol=0.02)
+
+
+class StepRewards(BaseCallback):
+    """The rewards the env returned, copied before SB3 may add a bootstrapped value to them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rewards: list[float] = []
+
+    def _on_step(self) -> bool:
+        self.rewards.append(float(self.locals["rewards"][0]))
+        return True
+
+
+@pytest.mark.parametrize("algorithm", ["maskable_ppo", "a2c"])
+def test_the_learner_does_not_bootstrap_past_the_last_decision(algorithm, gpt2_env):
+    steps = 2 * TINY["decisions"]  # one rollout of two whole episodes
+    config = PPOConfig(algorithm=algorithm, n_steps=steps, batch_size=steps, n_epochs=1)
+    model = build_algorithm(config, gpt2_env, seed=0)
+    rewards = StepRewards()
+    model.learn(steps, callback=rewards)
+    # SB3 adds gamma * V(final observation) to the last reward of a truncated episode; the run ends there
+    np.testing.assert_allclose(model.rollout_buffer.rewards[:, 0], rewards.rewards, rtol=0, atol=1e-7)
+
+    _, info = gpt2_env.reset(seed=0)
+    wrapped = RunEndIsTerminal(gpt2_env)
+    ends = [wrapped.step(np.ones(gpt2_env.config.max_modules, dtype=np.int64))[2:4] for _ in range(TINY["decisions"])]
+    assert ends == [(False, False)] * (TINY["decisions"] - 1) + [(True, False)]
