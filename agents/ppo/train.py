@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -63,7 +64,8 @@ class PPOConfig:
             value = getattr(self, name)
             if not isinstance(value, int | float) or not low < value <= high:
                 raise ValueError(f"ppo.{name}={value!r} is invalid: expected a number in ({low}, {high}]")
-        if isinstance(self.grow_bias, bool) or not isinstance(self.grow_bias, int | float) or not abs(self.grow_bias) < 1e3:
+        bias = self.grow_bias
+        if isinstance(bias, bool) or not isinstance(bias, int | float) or not math.isfinite(bias):
             raise ValueError(f"ppo.grow_bias={self.grow_bias!r} is invalid: expected a finite number")
         if not isinstance(self.ent_coef, int | float) or self.ent_coef < 0:
             raise ValueError(f"ppo.ent_coef={self.ent_coef!r} is invalid: expected a number >= 0")
