@@ -248,11 +248,12 @@ def _train_policy(config: BenchConfig, method: str, seed: int) -> dict[str, Any]
     from agents.ppo.train import PPOConfig, RoundRobinEnv, build_algorithm, save_policy
 
     options = dict(config.options.get(method, {}))
-    for key in ("algorithm", "total_timesteps"):
+    for key in ("algorithm", "total_timesteps", "n_envs"):
         if key in options:
             raise ValueError(f"options.{method}.{key}: set by the benchmark, not allowed as an option")
     timesteps = _policy_timesteps(config, options)
-    settings = options | {"algorithm": method, "total_timesteps": timesteps}
+    # in process, where the envs count the optimizer steps; the grid itself runs cells in parallel
+    settings = options | {"algorithm": method, "total_timesteps": timesteps, "n_envs": 1}
     ppo = from_dict(PPOConfig, settings, where=f"options.{method}.")
     envs = [config.make_env(instance) for instance in config.train_instances]
     before = sum(env.total_optimizer_steps for env in envs)

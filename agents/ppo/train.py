@@ -7,16 +7,20 @@ import math
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
+import torch
 from sb3_contrib import MaskablePPO
 from stable_baselines3 import A2C, PPO
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.vec_env import SubprocVecEnv, VecEnv
 
 from agents.ppo.policy import MaskableSlotPolicy, SlotPolicy
+from strato_env.config import EnvConfig
 from strato_env.env import RankAllocationEnv
 
 ALGORITHMS = ("ppo", "maskable_ppo", "a2c")
@@ -28,11 +32,13 @@ class PPOConfig:
 
     algorithm: str = "maskable_ppo"
     """'ppo' (SB3), 'maskable_ppo' (sb3-contrib, reads the env's action masks) or 'a2c' (SB3)."""
-    total_timesteps: int = 512
-    """Env steps (rank decisions) to train for: 64 default episodes, so that `strato train` with no
-    arguments ends within 10 minutes on 2 CPU cores."""
+    total_timesteps: int = 768
+    """Env steps (rank decisions, over all parallel envs) to train for: 96 default episodes, so that
+    `strato train` with no arguments ends within 10 minutes on 2 CPU cores."""
+    n_envs: int = 2
+    """Envs stepped in parallel, one process and one torch thread each (SB3 `SubprocVecEnv`); 1: in process."""
     n_steps: int = 16
-    """Env steps per rollout before each update (two default episodes)."""
+    """Env steps per env and rollout before each update (two default episodes)."""
     batch_size: int = 16
     """Minibatch size of the PPO update."""
     n_epochs: int = 10
@@ -56,7 +62,7 @@ class PPOConfig:
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"ppo.algorithm={self.algorithm!r} is invalid: allowed {list(ALGORITHMS)}")
-        for name in ("total_timesteps", "n_steps", "batch_size", "n_epochs", "hidden"):
+        for name in ("total_timesteps", "n_envs", "n_steps", "batch_size", "n_epochs", "hidden"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"ppo.{name}={value!r} is invalid: expected an integer >= 1")
@@ -118,6 +124,19 @@ class RunEndIsTerminal(gym.Wrapper):
         return observation, reward, terminated or truncated, False, info
 
 
+def _worker_env(configs: Sequence[EnvConfig], first: int) -> gym.Env:
+    """The env of one `SubprocVecEnv` worker, built in the worker: instances round robin from `first`."""
+    torch.set_num_threads(1)
+    envs = [RankAllocationEnv(c) for c in [*configs[first:], *configs[:first]]]
+    return RunEndIsTerminal(RoundRobinEnv(envs) if len(envs) > 1 else envs[0])
+
+
+def parallel_env(configs: Sequence[EnvConfig], n_envs: int) -> SubprocVecEnv:
+    """`n_envs` worker processes (spawned: fork hangs once torch has run), worker i starting at instance i."""
+    factories = [partial(_worker_env, list(configs), i % len(configs)) for i in range(n_envs)]
+    return SubprocVecEnv(factories, start_method="spawn")
+
+
 class EpisodeLog(BaseCallback):
     """Collects one row per finished episode and hands it to `on_episode`."""
 
@@ -146,8 +165,11 @@ class EpisodeLog(BaseCallback):
         return True
 
 
-def build_algorithm(config: PPOConfig, env: gym.Env, seed: int, tensorboard_log: str | None = None) -> BaseAlgorithm:
-    """The SB3 / sb3-contrib algorithm with the slot policy, learning on `env` wrapped in `RunEndIsTerminal`."""
+def build_algorithm(
+    config: PPOConfig, env: gym.Env | VecEnv, seed: int, tensorboard_log: str | None = None
+) -> BaseAlgorithm:
+    """The SB3 / sb3-contrib algorithm with the slot policy, learning on `env` (a gym env is wrapped in
+    `RunEndIsTerminal`; the workers of `parallel_env` wrap their own)."""
     common = {
         "learning_rate": config.learning_rate,
         "n_steps": config.n_steps,
@@ -160,7 +182,8 @@ def build_algorithm(config: PPOConfig, env: gym.Env, seed: int, tensorboard_log:
         "device": "cpu",
         "policy_kwargs": {"hidden": config.hidden, "grow_bias": config.grow_bias},
     }
-    env = RunEndIsTerminal(env)
+    if not isinstance(env, VecEnv):
+        env = RunEndIsTerminal(env)
     if config.algorithm == "a2c":
         return A2C(SlotPolicy, env, **common)
     ppo_only = {"batch_size": config.batch_size, "n_epochs": config.n_epochs, "clip_range": config.clip_range}

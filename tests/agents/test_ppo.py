@@ -6,7 +6,15 @@ from stable_baselines3.common.env_checker import check_env
 
 from agents.evaluation import run_policy_episode
 from agents.ppo.policy import SlotActionHead
-from agents.ppo.train import PPOConfig, RoundRobinEnv, RunEndIsTerminal, build_algorithm, load_policy, save_policy
+from agents.ppo.train import (
+    PPOConfig,
+    RoundRobinEnv,
+    RunEndIsTerminal,
+    build_algorithm,
+    load_policy,
+    parallel_env,
+    save_policy,
+)
 from strato_env.env import GROW, SHRINK, RankAllocationEnv
 
 TINY = {"decisions": 3, "inner_steps": 1, "probe_steps": 2, "task": {"eval_examples": 16}}
@@ -77,11 +85,31 @@ def test_round_robin_cycles_instances_and_passes_the_checker():
     assert seen == ["gpt2-tiny", "llama-tiny", "gpt2-tiny", "llama-tiny"]
 
 
+def test_parallel_envs_start_on_different_instances_and_train(gpt2_env):
+    configs = [gpt2_env.config, RankAllocationEnv(model="llama-tiny", **TINY).config]
+    vec = parallel_env(configs, n_envs=2)
+    try:
+        observation = vec.reset()
+        present = observation["modules"].reshape(2, -1, 10)[:, :, 9].sum(axis=1)
+        assert present.tolist() == [16, 28]  # worker i starts at instance i
+        for _ in range(TINY["decisions"]):
+            _, _, dones, infos = vec.step(np.ones((2, gpt2_env.config.max_modules), dtype=np.int64))
+        # the workers report the run's end as terminal (RunEndIsTerminal), so SB3 bootstraps nothing
+        assert dones.all() and not any(info["TimeLimit.truncated"] for info in infos)
+        model = build_algorithm(PPOConfig(n_steps=3, batch_size=6, n_epochs=1), vec, seed=0)
+        model.learn(6)
+        assert model.num_timesteps == 6
+    finally:
+        vec.close()
+
+
 def test_bad_ppo_config_names_the_field():
     with pytest.raises(ValueError, match=r"ppo.algorithm='sac' is invalid"):
         PPOConfig(algorithm="sac")
     with pytest.raises(ValueError, match=r"ppo.gamma=1.5 is invalid"):
         PPOConfig(gamma=1.5)
+    with pytest.raises(ValueError, match=r"ppo.n_envs=0 is invalid"):
+        PPOConfig(n_envs=0)
     with pytest.raises(ValueError, match=r"ppo.grow_bias=nan is invalid"):
         PPOConfig(grow_bias=float("nan"))
 
