@@ -5,6 +5,7 @@ episode from seed 0 at the same budget and the same optimizer steps (the policy 
 
     python benchmarks/gap_closed.py --go-explore-seeds 3 --go-explore-steps 3200
     python benchmarks/gap_closed.py --policy runs/RUN/policy.zip --go-explore-seeds 0
+    python benchmarks/gap_closed.py --go-explore-policy runs/RUN/policy.zip   # Go-Explore explores with a policy
 """
 
 from __future__ import annotations
@@ -36,7 +37,11 @@ def main() -> None:
     parser.add_argument("--go-explore-seeds", type=int, default=3)
     parser.add_argument("--go-explore-steps", type=int, default=3200, help="search budget in optimizer steps")
     parser.add_argument("--policy", default=None, help="policy.zip from `strato train` to evaluate")
+    parser.add_argument(
+        "--go-explore-policy", default=None, help="policy.zip that Go-Explore explores with (default: random moves)"
+    )
     args = parser.parse_args()
+    explorer = load_policy(args.go_explore_policy) if args.go_explore_policy else None
 
     env = RankAllocationEnv()
     uniform, oracle = uniform_loss(env), env.oracle_loss
@@ -45,7 +50,8 @@ def main() -> None:
     gaps = []
     for seed in range(args.go_explore_seeds):
         start = time.perf_counter()
-        result = GoExplore(GoExploreConfig(max_optimizer_steps=args.go_explore_steps)).run(env, seed=seed)
+        config = GoExploreConfig(max_optimizer_steps=args.go_explore_steps)
+        result = GoExplore(config, policy=explorer).run(env, seed=seed)
         static = env.evaluate_allocation(result.allocation, seed=0)
         gaps.append(gap_closed(static, uniform, oracle))
         print(
