@@ -245,7 +245,7 @@ def _policy_timesteps(config: BenchConfig, options: dict[str, Any]) -> int:
 
 
 def _train_policy(config: BenchConfig, method: str, seed: int) -> dict[str, Any]:
-    from agents.ppo.train import PPOConfig, RoundRobinEnv, build_algorithm, save_policy
+    from agents.ppo.train import PPOConfig, build_algorithm, round_robin, save_policy
 
     options = dict(config.options.get(method, {}))
     for key in ("algorithm", "total_timesteps", "n_envs"):
@@ -257,7 +257,7 @@ def _train_policy(config: BenchConfig, method: str, seed: int) -> dict[str, Any]
     ppo = from_dict(PPOConfig, settings, where=f"options.{method}.")
     envs = [config.make_env(instance) for instance in config.train_instances]
     before = sum(env.total_optimizer_steps for env in envs)
-    model = build_algorithm(ppo, RoundRobinEnv(envs) if len(envs) > 1 else envs[0], seed)
+    model = build_algorithm(ppo, round_robin(envs), seed)
     model.learn(timesteps)
     with tempfile.TemporaryDirectory() as folder:
         save_policy(model, f"{folder}/policy.zip")

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from agents.config import TrainConfig, merge
 from agents.evaluation import gap_closed, run_policy_episode, uniform_allocation, uniform_loss
-from agents.ppo.train import EpisodeLog, RoundRobinEnv, build_algorithm, load_policy, parallel_env, save_policy
+from agents.ppo.train import EpisodeLog, build_algorithm, load_policy, parallel_env, round_robin, save_policy
 from agents.runs import RunFolder, learning_curve, loss_versus_params, rank_heatmap
 from strato_env.config import EnvConfig, from_dict
 from strato_env.env import MODULE_FEATURES, RankAllocationEnv
@@ -124,10 +124,8 @@ def train(config: TrainConfig) -> Path:
 
 
 def _train_policy(config: TrainConfig, envs: list[RankAllocationEnv], run: RunFolder) -> None:
-    if config.ppo.n_envs > 1:
-        env = parallel_env([e.config for e in envs], config.ppo.n_envs)
-    else:
-        env = RoundRobinEnv(envs) if len(envs) > 1 else envs[0]
+    parallel = config.ppo.n_envs > 1
+    env = parallel_env([e.config for e in envs], config.ppo.n_envs) if parallel else round_robin(envs)
     model = build_algorithm(config.ppo, env, config.seed, tensorboard_log=str(run.path / "tensorboard"))
     rows: list[dict[str, Any]] = []
     try:
@@ -138,7 +136,8 @@ def _train_policy(config: TrainConfig, envs: list[RankAllocationEnv], run: RunFo
             tb_log_name=config.ppo.algorithm,
         )
     finally:
-        model.get_env().close()
+        if parallel:
+            env.close()  # the worker processes; the in-process envs are scored below
     staging = run.path / ".policy.zip"
     save_policy(model, str(staging))
     os.replace(staging, run.path / "policy.zip")

@@ -110,6 +110,11 @@ class RoundRobinEnv(gym.Env):
         return self.current.action_masks()
 
 
+def round_robin(envs: Sequence[RankAllocationEnv]) -> gym.Env:
+    """The env itself for one instance; a RoundRobinEnv over several."""
+    return RoundRobinEnv(envs) if len(envs) > 1 else envs[0]
+
+
 class RunEndIsTerminal(gym.Wrapper):
     """What a learner sees: the last decision ends the fine-tuning run, so nothing follows it.
 
@@ -128,7 +133,7 @@ def _worker_env(configs: Sequence[EnvConfig], first: int) -> gym.Env:
     """The env of one `SubprocVecEnv` worker, built in the worker: instances round robin from `first`."""
     torch.set_num_threads(1)
     envs = [RankAllocationEnv(c) for c in [*configs[first:], *configs[:first]]]
-    return RunEndIsTerminal(RoundRobinEnv(envs) if len(envs) > 1 else envs[0])
+    return RunEndIsTerminal(round_robin(envs))
 
 
 def parallel_env(configs: Sequence[EnvConfig], n_envs: int) -> SubprocVecEnv:

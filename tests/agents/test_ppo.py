@@ -15,7 +15,7 @@ from agents.ppo.train import (
     parallel_env,
     save_policy,
 )
-from strato_env.env import GROW, SHRINK, RankAllocationEnv
+from strato_env.env import GROW, MODULE_FEATURES, SHRINK, RankAllocationEnv
 
 TINY = {"decisions": 3, "inner_steps": 1, "probe_steps": 2, "task": {"eval_examples": 16}}
 TINY_PPO = {"n_steps": 30, "batch_size": 15, "n_epochs": 2}
@@ -90,7 +90,7 @@ def test_parallel_envs_start_on_different_instances_and_train(gpt2_env):
     vec = parallel_env(configs, n_envs=2)
     try:
         observation = vec.reset()
-        present = observation["modules"].reshape(2, -1, 10)[:, :, 9].sum(axis=1)
+        present = observation["modules"].reshape(2, -1, MODULE_FEATURES)[:, :, -1].sum(axis=1)
         assert present.tolist() == [16, 28]  # worker i starts at instance i
         for _ in range(TINY["decisions"]):
             _, _, dones, infos = vec.step(np.ones((2, gpt2_env.config.max_modules), dtype=np.int64))
