@@ -3,7 +3,7 @@
 from agents.go_explore.archive import Archive, CellEntry
 from agents.go_explore.cells import Cell, CellFunction, DepthProfileCell, ExactAllocationCell
 from agents.go_explore.config import GoExploreConfig
-from agents.go_explore.explore import GoExplore, Policy, random_action
+from agents.go_explore.explore import GoExplore, Move, Policy, draw_group_moves, group_action, random_action
 
 __all__ = [
     "Archive",
@@ -14,6 +14,9 @@ __all__ = [
     "ExactAllocationCell",
     "GoExplore",
     "GoExploreConfig",
+    "Move",
     "Policy",
+    "draw_group_moves",
+    "group_action",
     "random_action",
 ]

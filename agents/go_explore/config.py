@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from agents.go_explore.cells import DepthProfileCell
+
 
 def _fail(field_name: str, value: Any, allowed: str) -> None:
     raise ValueError(f"{field_name}={value!r} is invalid: {allowed}")
@@ -25,15 +27,26 @@ class GoExploreConfig:
 
     max_optimizer_steps: int = 400
     """Search budget: optimizer steps actually run (each env step costs env.config.inner_steps; returns are free)."""
-    explore_steps: int | None = 2
+    explore_steps: int | None = None
     """Env steps per exploration from a selected cell; None: until the episode ends."""
     keep_probability: float = 0.5
     """Random exploration: chance that a module keeps its rank; otherwise a uniform allowed shrink or grow."""
     importance_guided: bool = True
     """Random exploration: a slot that moves grows with probability equal to its observed importance (and
     shrinks otherwise); False: grow and shrink are equally likely."""
+    moves: str = "groups"
+    """Random exploration: 'modules' moves each module on its own (keep_probability, importance_guided);
+    'groups' moves `groups_per_step` random groups (a layer, a module kind or one module) each as one."""
+    groups_per_step: int = 1
+    """Random exploration with moves='groups': groups moved per env step."""
+    repeat_probability: float = 1.0
+    """Random exploration with moves='groups': chance that a step repeats the previous step's group moves."""
     improvement_bonus: float = 0.1
     """Extra selection weight per past exploration that found a new or better cell (0 = pure count-based)."""
+    budget_buckets: int = 4
+    """Default cell (DepthProfileCell): buckets of the budget used."""
+    depth_bins: int = 4
+    """Default cell (DepthProfileCell): depth bins of the rank profile (1: the mean ladder index of all modules)."""
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_optimizer_steps) or self.max_optimizer_steps < 1:
@@ -44,5 +57,12 @@ class GoExploreConfig:
             _fail("keep_probability", self.keep_probability, "expected a number in [0, 1]")
         if not isinstance(self.importance_guided, bool):
             _fail("importance_guided", self.importance_guided, "expected true or false")
+        if self.moves not in ("modules", "groups"):
+            _fail("moves", self.moves, "expected 'modules' or 'groups'")
+        if not _is_int(self.groups_per_step) or self.groups_per_step < 1:
+            _fail("groups_per_step", self.groups_per_step, "expected an integer >= 1")
+        if not _is_number(self.repeat_probability) or not 0 <= self.repeat_probability <= 1:
+            _fail("repeat_probability", self.repeat_probability, "expected a number in [0, 1]")
         if not _is_number(self.improvement_bonus) or self.improvement_bonus < 0:
             _fail("improvement_bonus", self.improvement_bonus, "expected a finite number >= 0")
+        DepthProfileCell(self.budget_buckets, self.depth_bins)  # validates both

@@ -43,13 +43,52 @@ def random_action(
     return action
 
 
+Move = tuple[np.ndarray, int]
+"""A group move: the module slots of one group and the way they all move (SHRINK or GROW)."""
+
+
+def draw_group_moves(
+    modules: np.ndarray, rng: np.random.Generator, groups: int = 1, importance_guided: bool = True
+) -> list[Move]:
+    """Draw `groups` random group moves: a layer, a module kind or one module, each moved one way.
+
+    `modules` is the observation's (max_modules, MODULE_FEATURES) table; groups are read from its relative
+    depth and kind columns, so they exist on any model. Guided, a group is drawn from its family with
+    probability proportional to its mean importance, and grows with probability equal to that mean (shrinks
+    otherwise); unguided, groups and ways are drawn uniformly.
+    """
+    present = np.flatnonzero(modules[:, -1] > 0)
+    depth, kind = modules[present, 3], modules[present, 4:-1].argmax(axis=1)
+    families = [[present[depth == d] for d in np.unique(depth)], [present[kind == k] for k in np.unique(kind)]]
+    families.append([np.array([slot]) for slot in present])
+    moves = []
+    for _ in range(groups):
+        family = families[int(rng.integers(len(families)))]
+        importance = np.array([modules[members, 0].mean() for members in family])
+        weights = importance + 1e-3 if importance_guided else np.ones(len(family))
+        chosen = int(rng.choice(len(family), p=weights / weights.sum()))
+        grow = float(importance[chosen]) if importance_guided else 0.5
+        moves.append((family[chosen], GROW if rng.random() < grow else SHRINK))
+    return moves
+
+
+def group_action(masks: np.ndarray, moves: list[Move]) -> np.ndarray:
+    """The action that applies `moves` wherever the masks allow them; every other slot keeps."""
+    allowed = masks.reshape(-1, 3)
+    action = np.full(len(allowed), KEEP, dtype=np.int64)
+    for members, way in moves:
+        action[members[allowed[members, way]]] = way
+    return action
+
+
 class GoExplore:
     """Go-Explore (Ecoffet et al., 2021) on RankAllocationEnv.
 
     The search starts from `env.reset(seed=seed)`; every archived trajectory replays exactly from that reset.
     It drives `env.unwrapped` directly, since wrappers (e.g. TimeLimit) would not follow `set_state`.
-    `cell` maps states to cells (default `DepthProfileCell()`); `policy`, if given, explores through
-    `policy.predict(obs, action_masks=..., deterministic=False)` instead of random valid actions.
+    `cell` maps states to cells (default: a `DepthProfileCell` with the config's settings); `policy`, if
+    given, explores through `policy.predict(obs, action_masks=..., deterministic=False)` instead of random
+    valid actions.
     After `run`, `self.archive` holds the archive.
     """
 
@@ -60,7 +99,8 @@ class GoExplore:
         policy: Policy | None = None,
     ) -> None:
         self.config = config if config is not None else GoExploreConfig()
-        self.cell = cell if cell is not None else DepthProfileCell()
+        default_cell = DepthProfileCell(self.config.budget_buckets, self.config.depth_bins)
+        self.cell = cell if cell is not None else default_cell
         self.policy = policy
         self.archive: Archive | None = None
 
@@ -89,6 +129,7 @@ class GoExplore:
             base.set_state(source.snapshot)
             observation, trajectory = source.observation, list(source.trajectory)
             found, taken = False, 0
+            self._moves: list[Move] = []
             while taken < limit and spent + cost <= self.config.max_optimizer_steps:
                 action = self._action(base, observation, rng)
                 observation, _, terminated, truncated, info = base.step(action)
@@ -117,6 +158,11 @@ class GoExplore:
 
     def _action(self, base: Any, observation: dict[str, np.ndarray], rng: np.random.Generator) -> np.ndarray:
         masks = base.action_masks()
+        if self.policy is None and self.config.moves == "groups":
+            if not self._moves or rng.random() >= self.config.repeat_probability:
+                modules = observation["modules"].reshape(len(masks) // 3, MODULE_FEATURES)
+                self._moves = draw_group_moves(modules, rng, self.config.groups_per_step, self.config.importance_guided)
+            return group_action(masks, self._moves)
         if self.policy is None:
             importance = None
             if self.config.importance_guided:

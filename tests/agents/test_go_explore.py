@@ -15,9 +15,11 @@ from agents.go_explore import (
     ExactAllocationCell,
     GoExplore,
     GoExploreConfig,
+    draw_group_moves,
+    group_action,
     random_action,
 )
-from strato_env.env import GROW, KEEP, SHRINK, RankAllocationEnv
+from strato_env.env import GROW, KEEP, MODULE_FEATURES, SHRINK, RankAllocationEnv
 
 SEED = 3
 BUDGET = 8  # optimizer steps: 4 env steps of inner_steps=2
@@ -183,6 +185,59 @@ def test_importance_guided_action_grows_important_and_shrinks_unimportant_slots(
     assert 100 < np.sum(actions[:, 0] == KEEP) < 200  # keep_probability 0.5
 
 
+def _module_table(env: RankAllocationEnv, importance: float | None = None) -> np.ndarray:
+    observation, _ = env.reset(seed=SEED)
+    table = observation["modules"].reshape(env.config.max_modules, MODULE_FEATURES).copy()
+    if importance is not None:
+        table[: len(env.modules), 0] = importance
+    return table
+
+
+def test_group_moves_are_layers_kinds_or_single_modules(env: RankAllocationEnv) -> None:
+    layers = {frozenset(range(4 * layer, 4 * layer + 4)) for layer in range(4)}  # gpt2-tiny: 4 modules per layer
+    kinds = {frozenset(range(kind, 16, 4)) for kind in range(4)}
+    singles = {frozenset([slot]) for slot in range(16)}
+    rng = np.random.default_rng(0)
+    table = _module_table(env)
+    drawn = [frozenset(members.tolist()) for _ in range(300) for members, _ in draw_group_moves(table, rng)]
+    assert set(drawn) <= layers | kinds | singles  # never a padding slot, never a mixed group
+    assert set(drawn) & layers and set(drawn) & kinds and set(drawn) & singles
+    assert len(draw_group_moves(_module_table(env), rng, groups=3)) == 3
+
+
+def test_guided_group_moves_grow_important_groups_and_shrink_the_others(env: RankAllocationEnv) -> None:
+    rng = np.random.default_rng(0)
+    assert {way for _ in range(50) for _, way in draw_group_moves(_module_table(env, 1.0), rng)} == {GROW}
+    assert {way for _ in range(50) for _, way in draw_group_moves(_module_table(env, 0.0), rng)} == {SHRINK}
+    unguided = [way for _ in range(50) for _, way in draw_group_moves(_module_table(env, 1.0), rng, 1, False)]
+    assert set(unguided) == {GROW, SHRINK}
+
+
+def test_group_action_moves_only_where_masks_allow() -> None:
+    masks = np.ones((4, 3), dtype=bool)
+    masks[1, GROW] = False
+    action = group_action(masks.reshape(-1), [(np.array([0, 1, 2]), GROW), (np.array([3]), SHRINK)])
+    assert action.tolist() == [GROW, KEEP, GROW, SHRINK]
+    assert group_action(masks.reshape(-1), []).tolist() == [KEEP] * 4
+
+
+def test_group_exploration_repeats_its_moves_to_the_episode_end(env: RankAllocationEnv) -> None:
+    # One exploration from the root fills the whole budget: 4 decisions, repeating one group move throughout.
+    config = GoExploreConfig(max_optimizer_steps=BUDGET, explore_steps=None, moves="groups", repeat_probability=1.0)
+    grew = 0
+    for seed in range(4):
+        result = GoExplore(config).run(env, seed=seed)
+        moved = {(slot, move) for action in result.trajectory for slot, move in enumerate(action) if move != KEEP}
+        assert len(result.trajectory) == env.config.decisions
+        assert len({move for _, move in moved}) <= 1  # one way for every moved slot, at every step
+        if moved:
+            grown = {slot for slot, _ in moved}
+            assert all(result.allocation[env.modules[slot].name] > 0 for slot in grown)
+            assert all(result.allocation[m.name] == 0 for i, m in enumerate(env.modules) if i not in grown)
+            grew += 1
+    assert grew > 0
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [
@@ -191,6 +246,11 @@ def test_importance_guided_action_grows_important_and_shrinks_unimportant_slots(
         ("keep_probability", 1.5),
         ("importance_guided", "yes"),
         ("improvement_bonus", -1.0),
+        ("moves", "layers"),
+        ("groups_per_step", 0),
+        ("repeat_probability", 1.5),
+        ("budget_buckets", 0),
+        ("depth_bins", 0),
     ],
 )
 def test_config_rejects_bad_values(field: str, value: Any) -> None:
