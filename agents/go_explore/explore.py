@@ -129,9 +129,9 @@ class GoExplore:
             base.set_state(source.snapshot)
             observation, trajectory = source.observation, list(source.trajectory)
             found, taken = False, 0
-            self._moves: list[Move] = []
+            moves: list[Move] = []  # this exploration's group moves (moves='groups')
             while taken < limit and spent + cost <= self.config.max_optimizer_steps:
-                action = self._action(base, observation, rng)
+                action = self._action(base, observation, rng, moves)
                 observation, _, terminated, truncated, info = base.step(action)
                 spent, taken = spent + cost, taken + 1
                 trajectory.append([int(a) for a in action])
@@ -156,13 +156,16 @@ class GoExplore:
             trajectory=[list(a) for a in best.trajectory],
         )
 
-    def _action(self, base: Any, observation: dict[str, np.ndarray], rng: np.random.Generator) -> np.ndarray:
+    def _action(
+        self, base: Any, observation: dict[str, np.ndarray], rng: np.random.Generator, moves: list[Move]
+    ) -> np.ndarray:
+        """The policy's action, or a random one; group moves are kept in `moves` to be repeated."""
         masks = base.action_masks()
         if self.policy is None and self.config.moves == "groups":
-            if not self._moves or rng.random() >= self.config.repeat_probability:
+            if not moves or rng.random() >= self.config.repeat_probability:
                 modules = observation["modules"].reshape(len(masks) // 3, MODULE_FEATURES)
-                self._moves = draw_group_moves(modules, rng, self.config.groups_per_step, self.config.importance_guided)
-            return group_action(masks, self._moves)
+                moves[:] = draw_group_moves(modules, rng, self.config.groups_per_step, self.config.importance_guided)
+            return group_action(masks, moves)
         if self.policy is None:
             importance = None
             if self.config.importance_guided:
