@@ -29,18 +29,18 @@ class GoExploreConfig:
     """Search budget: optimizer steps actually run (each env step costs env.config.inner_steps; returns are free)."""
     explore_steps: int | None = None
     """Env steps per exploration from a selected cell; None: until the episode ends."""
-    keep_probability: float = 0.5
-    """Random exploration: chance that a module keeps its rank; otherwise a uniform allowed shrink or grow."""
-    importance_guided: bool = True
-    """Random exploration: a slot that moves grows with probability equal to its observed importance (and
-    shrinks otherwise); False: grow and shrink are equally likely."""
     moves: str = "groups"
-    """Random exploration: 'modules' moves each module on its own (keep_probability, importance_guided);
-    'groups' moves `groups_per_step` random groups (a layer, a module kind or one module) each as one."""
+    """Random exploration: 'groups' draws a group of modules (a layer, a module kind or one module) and moves
+    all of it one way; 'modules' moves every module on its own."""
+    importance_guided: bool = True
+    """Random exploration reads the observed importance: a group is drawn in proportion to its mean importance
+    and grows with probability equal to it (a module, with moves='modules', likewise); False: uniform draws."""
     groups_per_step: int = 1
-    """Random exploration with moves='groups': groups moved per env step."""
+    """moves='groups': groups moved at each env step."""
     repeat_probability: float = 1.0
-    """Random exploration with moves='groups': chance that a step repeats the previous step's group moves."""
+    """moves='groups': chance that a step repeats the previous step's group moves (1: one draw per exploration)."""
+    keep_probability: float = 0.5
+    """moves='modules': chance that a module keeps its rank; otherwise an allowed shrink or grow."""
     improvement_bonus: float = 0.1
     """Extra selection weight per past exploration that found a new or better cell (0 = pure count-based)."""
     budget_buckets: int = 4

@@ -221,6 +221,13 @@ def test_group_action_moves_only_where_masks_allow() -> None:
     assert group_action(masks.reshape(-1), []).tolist() == [KEEP] * 4
 
 
+def test_per_module_exploration_is_seeded_and_within_budget(env: RankAllocationEnv) -> None:
+    config = GoExploreConfig(max_optimizer_steps=BUDGET, explore_steps=2, moves="modules")
+    first, second = (GoExplore(config).run(env, seed=SEED) for _ in range(2))
+    assert first == second and first.optimizer_steps == BUDGET
+    assert env.params_of(first.allocation) <= env.budget
+
+
 def test_group_exploration_repeats_its_moves_to_the_episode_end(env: RankAllocationEnv) -> None:
     # One exploration from the root fills the whole budget: 4 decisions, repeating one group move throughout.
     config = GoExploreConfig(max_optimizer_steps=BUDGET, explore_steps=None, moves="groups", repeat_probability=1.0)
