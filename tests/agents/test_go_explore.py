@@ -239,6 +239,9 @@ def test_group_exploration_repeats_its_moves_to_the_episode_end(env: RankAllocat
         assert len({move for _, move in moved}) <= 1  # one way for every moved slot, at every step
         if moved:
             grown = {slot for slot, _ in moved}
+            same_layer = len({env.modules[slot].depth for slot in grown}) == 1
+            same_kind = len({env.modules[slot].kind for slot in grown}) == 1
+            assert same_layer or same_kind  # one group: a layer, a kind or a single module
             assert all(result.allocation[env.modules[slot].name] > 0 for slot in grown)
             assert all(result.allocation[m.name] == 0 for i, m in enumerate(env.modules) if i not in grown)
             grew += 1
