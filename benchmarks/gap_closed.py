@@ -38,7 +38,7 @@ def main() -> None:
     parser.add_argument("--go-explore-steps", type=int, default=3200, help="search budget in optimizer steps")
     parser.add_argument("--policy", default=None, help="policy.zip from `strato train` to evaluate")
     parser.add_argument(
-        "--go-explore-policy", default=None, help="policy.zip that Go-Explore explores with (default: random moves)"
+        "--go-explore-policy", default=None, help="policy.zip to explore with (default: random group moves)"
     )
     args = parser.parse_args()
     explorer = load_policy(args.go_explore_policy) if args.go_explore_policy else None

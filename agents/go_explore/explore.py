@@ -99,8 +99,7 @@ class GoExplore:
         policy: Policy | None = None,
     ) -> None:
         self.config = config if config is not None else GoExploreConfig()
-        default_cell = DepthProfileCell(self.config.budget_buckets, self.config.depth_bins)
-        self.cell = cell if cell is not None else default_cell
+        self.cell = cell if cell is not None else DepthProfileCell(self.config.budget_buckets, self.config.depth_bins)
         self.policy = policy
         self.archive: Archive | None = None
 
@@ -161,18 +160,16 @@ class GoExplore:
     ) -> np.ndarray:
         """The policy's action, or a random one; group moves are kept in `moves` to be repeated."""
         masks = base.action_masks()
-        if self.policy is None and self.config.moves == "groups":
-            if not moves or rng.random() >= self.config.repeat_probability:
-                modules = observation["modules"].reshape(len(masks) // 3, MODULE_FEATURES)
-                moves[:] = draw_group_moves(modules, rng, self.config.groups_per_step, self.config.importance_guided)
-            return group_action(masks, moves)
-        if self.policy is None:
-            importance = None
-            if self.config.importance_guided:
-                importance = observation["modules"].reshape(len(masks) // 3, MODULE_FEATURES)[:, 0]
+        if self.policy is not None:
+            action, _ = self.policy.predict(observation, action_masks=masks, deterministic=False)
+            return np.asarray(action, dtype=np.int64).reshape(-1)
+        modules = observation["modules"].reshape(len(masks) // 3, MODULE_FEATURES)
+        if self.config.moves == "modules":
+            importance = modules[:, 0] if self.config.importance_guided else None
             return random_action(masks, rng, self.config.keep_probability, importance)
-        action, _ = self.policy.predict(observation, action_masks=masks, deterministic=False)
-        return np.asarray(action, dtype=np.int64).reshape(-1)
+        if not moves or rng.random() >= self.config.repeat_probability:
+            moves[:] = draw_group_moves(modules, rng, self.config.groups_per_step, self.config.importance_guided)
+        return group_action(masks, moves)
 
     def _entry(
         self,

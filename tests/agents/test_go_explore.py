@@ -194,9 +194,11 @@ def _module_table(env: RankAllocationEnv, importance: float | None = None) -> np
 
 
 def test_group_moves_are_layers_kinds_or_single_modules(env: RankAllocationEnv) -> None:
-    layers = {frozenset(range(4 * layer, 4 * layer + 4)) for layer in range(4)}  # gpt2-tiny: 4 modules per layer
-    kinds = {frozenset(range(kind, 16, 4)) for kind in range(4)}
-    singles = {frozenset([slot]) for slot in range(16)}
+    slots = range(len(env.modules))
+    layers = {frozenset(i for i in slots if env.modules[i].depth == d) for d in {m.depth for m in env.modules}}
+    kinds = {frozenset(i for i in slots if env.modules[i].kind == k) for k in {m.kind for m in env.modules}}
+    singles = {frozenset([i]) for i in slots}
+    assert len(layers) == len(kinds) == 4  # gpt2-tiny: 4 layers of 4 module kinds
     rng = np.random.default_rng(0)
     table = _module_table(env)
     drawn = [frozenset(members.tolist()) for _ in range(300) for members, _ in draw_group_moves(table, rng)]

@@ -150,7 +150,7 @@ def test_the_learner_does_not_bootstrap_past_the_last_decision(algorithm, gpt2_e
     # SB3 adds gamma * V(final observation) to the last reward of a truncated episode; the run ends there
     np.testing.assert_allclose(model.rollout_buffer.rewards[:, 0], rewards.rewards, rtol=0, atol=1e-7)
 
-    _, info = gpt2_env.reset(seed=0)
+    gpt2_env.reset(seed=0)
     wrapped = RunEndIsTerminal(gpt2_env)
     ends = [wrapped.step(np.ones(gpt2_env.config.max_modules, dtype=np.int64))[2:4] for _ in range(TINY["decisions"])]
     assert ends == [(False, False)] * (TINY["decisions"] - 1) + [(True, False)]
