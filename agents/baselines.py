@@ -3,6 +3,7 @@
 Every baseline is `name(env, seed=0, max_optimizer_steps=None, **options) -> SearchResult`: given an
 instance and a budget (`env`), return an allocation within `env.budget` and the optimizer steps spent
 finding it. One static trial costs one episode, `decisions * inner_steps` steps (`env.evaluate_allocation`).
+Each baseline's options are the fields of its options dataclass (`GreedyOptions`, ...), validated up front.
 """
 
 from __future__ import annotations
@@ -15,16 +16,17 @@ from typing import Any
 import numpy as np
 import optuna
 import torch
-from gymnasium.utils import seeding
 from peft import AdaLoraConfig, PeftModel, get_peft_model
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
+from agents.evaluation import uniform_allocation
 from agents.result import SearchResult
 from strato_env.adapters import ADAPTER
-from strato_env.costs import uniform_rank_for_budget
-from strato_env.env import KEEP, MODULE_FEATURES, RankAllocationEnv, data_order
-from strato_env.instance import fresh_model
+from strato_env.config import from_dict
+from strato_env.env import KEEP, RankAllocationEnv
+from strato_env.models import fan_in_fan_out
+from strato_env.observation import IMPORTANCE, module_table
+from strato_env.validation import check_int, check_number
 
 DEFAULT_TRIALS = 4
 """Static trials that random search and TPE run when `max_optimizer_steps` is None."""
@@ -42,24 +44,74 @@ class AdaLoraResult(SearchResult):
     """Final `lora_E` entries per module; masked triplets are exactly 0."""
 
 
-# ---- option validation ------------------------------------------------------------------------------------
-def _options(method: str, given: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(given) - set(defaults))
-    if unknown:
-        raise ValueError(f"unknown option {unknown[0]!r} for baseline {method!r}; allowed: {sorted(defaults)}")
-    return {**defaults, **given}
+# ---- options ----------------------------------------------------------------------------------------------
+@dataclass
+class NoOptions:
+    """The method takes no options."""
 
 
-def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
-    bad = isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high)
-    if bad:
-        allowed = f"an integer in [{low}, {high}]" if high is not None else f"an integer >= {low}"
-        raise ValueError(f"{name}={value!r} is invalid: expected {allowed}")
+@dataclass
+class RandomOptions:
+    """Options of random search."""
+
+    max_proposals: int = 1000
+    """Cap on the allocations drawn (a repeated draw costs no steps)."""
+
+    def __post_init__(self) -> None:
+        check_int("max_proposals", self.max_proposals, 1)
 
 
-def _check_fraction(name: str, value: Any, low: float, high: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value < high:
-        raise ValueError(f"{name}={value!r} is invalid: expected a number in [{low}, {high})")
+@dataclass
+class GreedyOptions:
+    """Options of greedy by importance."""
+
+    probe_decisions: int = 0
+    """Decisions at the smallest nonzero rank before the importance is read (0: the instance's probe alone)."""
+
+    def __post_init__(self) -> None:
+        check_int("probe_decisions", self.probe_decisions, 0)
+
+
+@dataclass
+class TPEOptions:
+    """Options of Optuna TPE."""
+
+    n_startup_trials: int = 10
+    """Random proposals before TPE models the losses (Optuna's default; pruned proposals count)."""
+    max_proposals: int = 1000
+    """Cap on all proposals."""
+
+    def __post_init__(self) -> None:
+        check_int("n_startup_trials", self.n_startup_trials, 1)
+        check_int("max_proposals", self.max_proposals, 1)
+
+
+@dataclass
+class AdaLoraOptions:
+    """Options of peft's AdaLoRA (see `adalora`)."""
+
+    init_r: int | None = None
+    """Initial rank of every module (None: r_max / 2, or r_max if the budget's average rank reaches that)."""
+    tinit_fraction: float = 0.1
+    """Share of the steps before budgeting starts (peft's tinit)."""
+    tfinal_fraction: float = 0.3
+    """Share of the steps after budgeting ends (peft's tfinal)."""
+    delta_t: int = 1
+    """Steps between two budget updates (peft's deltaT)."""
+    orth_reg_weight: float = 0.5
+    """Weight of AdaLoRA's orthogonal regularizer."""
+
+    def __post_init__(self) -> None:
+        if self.init_r is not None:
+            check_int("init_r", self.init_r, 1)
+        check_number("tinit_fraction", self.tinit_fraction, 0, 1, high_open=True)
+        check_number("tfinal_fraction", self.tfinal_fraction, 0, 1, high_open=True)
+        check_int("delta_t", self.delta_t, 1)
+        check_number("orth_reg_weight", self.orth_reg_weight, 0)
+
+
+def _options(cls: type, method: str, given: dict[str, Any]) -> Any:
+    return from_dict(cls, given, where=f"{method} option ")
 
 
 def _episode_steps(env: RankAllocationEnv) -> int:
@@ -69,7 +121,7 @@ def _episode_steps(env: RankAllocationEnv) -> int:
 def _step_limit(max_optimizer_steps: int | None, default: int) -> int:
     if max_optimizer_steps is None:
         return default
-    _check_int("max_optimizer_steps", max_optimizer_steps, 0)
+    check_int("max_optimizer_steps", max_optimizer_steps, 0)
     return max_optimizer_steps
 
 
@@ -145,10 +197,9 @@ def uniform(
 
     No search: 0 optimizer steps and no loss (evaluate it with `env.evaluate_allocation`).
     """
-    _options("uniform", options, {})
+    _options(NoOptions, "uniform", options)
     _step_limit(max_optimizer_steps, 0)
-    rank = uniform_rank_for_budget(env.modules, env.budget - env.lora.extra_params)
-    return SearchResult("uniform", {m.name: rank for m in env.modules}, 0)
+    return SearchResult("uniform", uniform_allocation(env), 0)
 
 
 def random_allocation(env: RankAllocationEnv, rng: np.random.Generator) -> dict[str, int]:
@@ -170,11 +221,10 @@ def random_search(
 
     Options: `max_proposals` (default 1000) caps the draws, since a repeated draw costs no steps.
     """
-    settings = _options("random", options, {"max_proposals": 1000})
-    _check_int("max_proposals", settings["max_proposals"], 1)
+    settings = _options(RandomOptions, "random", options)
     trials = _StaticTrials(env, seed, max_optimizer_steps)
     rng = np.random.default_rng(seed)
-    for _ in range(settings["max_proposals"]):
+    for _ in range(settings.max_proposals):
         if not trials.affordable():
             break
         trials.evaluate(random_allocation(env, rng))
@@ -192,9 +242,8 @@ def greedy(
     option `probe_decisions=k` (default 0), after k decisions that keep every module at the smallest nonzero
     ladder rank (k * inner_steps optimizer steps, counted). The env's current episode is restored.
     """
-    settings = _options("greedy", options, {"probe_decisions": 0})
-    probe = settings["probe_decisions"]
-    _check_int("probe_decisions", probe, 0, env.config.decisions)
+    probe = _options(GreedyOptions, "greedy", options).probe_decisions
+    check_int("probe_decisions", probe, 0, env.config.decisions)
     steps = probe * env.config.inner_steps
     limit = _step_limit(max_optimizer_steps, steps)
     if steps > limit:
@@ -216,7 +265,7 @@ def greedy(
     finally:
         if saved is not None:
             env.set_state(saved)
-    importance = observation["modules"].reshape(env.config.max_modules, MODULE_FEATURES)[: len(env.modules), 0]
+    importance = module_table(observation["modules"])[: len(env.modules), IMPORTANCE]
     index = _fill(env, [0] * len(env.modules), lambda fitting: max(fitting, key=lambda slot: importance[slot]))
     return SearchResult("greedy", _allocation(env, index), int(info["optimizer_steps"]))
 
@@ -253,18 +302,15 @@ def _to_ladder(env: RankAllocationEnv, raw: dict[str, int], singular_values: dic
 
 
 def _train_adalora(
-    env: RankAllocationEnv, config: AdaLoraConfig, target_total: int, seed: int, orth_reg_weight: float
+    env: RankAllocationEnv, base: nn.Module, config: AdaLoraConfig, target_total: int, seed: int, weight: float
 ) -> PeftModel:
-    """peft AdaLoRA on a fresh copy of the base model, trained for `config.total_step` steps on the env's task."""
-    # The initialisation seed and data order that an env episode from `seed` uses (see env._start_episode).
-    rng, _ = seeding.np_random(seed)
-    torch_seed = int(rng.integers(2**62))
-    batch_size, pool = env.config.batch_size, env.data.train_size
-    total_step = config.total_step
-    order = data_order(rng, pool, total_step * batch_size)
+    """peft AdaLoRA on `base` (a fresh copy of the base model), trained for `config.total_step` steps on the env's
+    task with `weight` x the orthogonal regularizer."""
+    torch_seed, order = env.episode_randomness(seed)  # those of an env episode from `seed`
+    batch_size, total_step = env.config.batch_size, config.total_step
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(torch_seed)
-        model = get_peft_model(fresh_model(env.instance), config)
+        model = get_peft_model(base, config)
     model.base_model.rankallocator.target_bgt = target_total  # finer than peft's target_r * modules
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
@@ -274,7 +320,7 @@ def _train_adalora(
     for step in range(1, total_step + 1):
         rows = torch.as_tensor(order[(step - 1) * batch_size : step * batch_size], device=env.config.device)
         batch = {k: v[rows] for k, v in env.data.train.items()}
-        loss = env.data.loss(model, batch) + orth_reg_weight * _orthogonal_regularization(model)
+        loss = env.data.loss(model, batch) + weight * _orthogonal_regularization(model)
         loss.backward()
         optimizer.step()
         model.base_model.update_and_allocate(step)  # after step, before zero_grad: it reads the gradients
@@ -303,33 +349,25 @@ def adalora(
 
     `loss` is AdaLoRA's own evaluation loss at the end of its run (not that of the ladder allocation).
     """
-    settings = _options(
-        "adalora",
-        options,
-        {"init_r": None, "tinit_fraction": 0.1, "tfinal_fraction": 0.3, "delta_t": 1, "orth_reg_weight": 0.5},
-    )
+    settings = _options(AdaLoraOptions, "adalora", options)
     n = len(env.modules)
-    total_rank = (env.budget - env.lora.extra_params) * n // sum(m.params_per_rank for m in env.modules)
+    total_rank = (env.budget - env.extra_params) * n // sum(m.params_per_rank for m in env.modules)
     r_max = env.ladder[-1]
-    init_r = settings["init_r"]
+    init_r = settings.init_r
     if init_r is None:
         half = min(r for r in env.ladder if r >= r_max / 2)
         init_r = half if total_rank < half * n else r_max
-    _check_int("init_r", init_r, 1)
-    _check_fraction("tinit_fraction", settings["tinit_fraction"], 0.0, 1.0)
-    _check_fraction("tfinal_fraction", settings["tfinal_fraction"], 0.0, 1.0)
-    _check_int("delta_t", settings["delta_t"], 1)
-    _check_fraction("orth_reg_weight", settings["orth_reg_weight"], 0.0, math.inf)
     total_step = min(_episode_steps(env), _step_limit(max_optimizer_steps, _episode_steps(env)))
-    tinit = int(settings["tinit_fraction"] * total_step)
-    tfinal = max(1, int(settings["tfinal_fraction"] * total_step))
+    tinit = int(settings.tinit_fraction * total_step)
+    tfinal = max(1, int(settings.tfinal_fraction * total_step))
     if tinit >= total_step - tfinal:
         raise ValueError(
-            f"max_optimizer_steps={max_optimizer_steps}, tinit_fraction={settings['tinit_fraction']} and "
-            f"tfinal_fraction={settings['tfinal_fraction']} leave AdaLoRA no budgeting phase ({total_step} steps, "
+            f"max_optimizer_steps={max_optimizer_steps}, tinit_fraction={settings.tinit_fraction} and "
+            f"tfinal_fraction={settings.tfinal_fraction} leave AdaLoRA no budgeting phase ({total_step} steps, "
             f"tinit={tinit}, tfinal={tfinal}); allowed: tinit < total_step - tfinal"
         )
     target_total = min(total_rank, init_r * n - 1)  # peft needs at least one triplet to prune
+    base = env.fresh_base_model()
 
     config = AdaLoraConfig(
         init_r=init_r,
@@ -338,14 +376,14 @@ def adalora(
         lora_dropout=0.0,
         tinit=tinit,
         tfinal=tfinal,
-        deltaT=settings["delta_t"],
+        deltaT=settings.delta_t,
         total_step=total_step,
         orth_reg_weight=0.0,  # added in _train_adalora instead
         target_modules=[m.name for m in env.modules],
-        fan_in_fan_out=isinstance(env.instance.model.get_submodule(env.modules[0].name), Conv1D),
+        fan_in_fan_out=fan_in_fan_out(base, env.modules),
         modules_to_save=list(env.data.modules_to_save) or None,
     )
-    model = _train_adalora(env, config, target_total, seed, settings["orth_reg_weight"])
+    model = _train_adalora(env, base, config, target_total, seed, settings.orth_reg_weight)
     final_loss = env.evaluate_loss(model)
 
     suffix, masks = f".lora_E.{ADAPTER}", model.peft_config[ADAPTER].rank_pattern  # keys: module.lora_E.default
@@ -375,16 +413,14 @@ def tpe(env: RankAllocationEnv, seed: int = 0, max_optimizer_steps: int | None =
     complete one); a repeated proposal reuses its loss (0 steps). Options: `n_startup_trials` (default 10,
     Optuna's; pruned proposals count), `max_proposals` (default 1000) caps all proposals.
     """
-    settings = _options("tpe", options, {"n_startup_trials": 10, "max_proposals": 1000})
-    _check_int("n_startup_trials", settings["n_startup_trials"], 1)
-    _check_int("max_proposals", settings["max_proposals"], 1)
+    settings = _options(TPEOptions, "tpe", options)
     trials = _StaticTrials(env, seed, max_optimizer_steps)
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=settings["n_startup_trials"])
+        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=settings.n_startup_trials)
         study = optuna.create_study(direction="minimize", sampler=sampler)
-        for _ in range(settings["max_proposals"]):
+        for _ in range(settings.max_proposals):
             if not trials.affordable():
                 break
             trial = study.ask()
@@ -396,12 +432,3 @@ def tpe(env: RankAllocationEnv, seed: int = 0, max_optimizer_steps: int | None =
     finally:
         optuna.logging.set_verbosity(verbosity)
     return trials.result("tpe")
-
-
-BASELINES: dict[str, Callable[..., SearchResult]] = {
-    "uniform": uniform,
-    "random": random_search,
-    "greedy": greedy,
-    "adalora": adalora,
-    "tpe": tpe,
-}

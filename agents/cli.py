@@ -4,29 +4,24 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import fields, is_dataclass
 
-from agents.config import TrainConfig
+from agents.bench.config import BenchConfig
+from agents.bench.executors import BACKENDS
+from agents.config import ENV_SECTION, TRAIN_HELP_SECTIONS, TrainConfig, config_help, key_lines
+from agents.methods import METHODS, trainable_agents
 
 DEFAULTS = argparse.ArgumentDefaultsHelpFormatter
 
 
-def _config_keys(cls: type = TrainConfig) -> str:
-    """Every `key=value` that `strato train` (or `strato bench`) accepts, with its default."""
-    defaults = cls()
-    lines = ["config keys (key=value overrides, dotted for nested ones; env keys are strato_env.EnvConfig fields):"]
-    for f in fields(cls):
-        value = getattr(defaults, f.name)
-        if is_dataclass(value):
-            lines += [f"  {f.name}.{g.name}={getattr(value, g.name)!r}" for g in fields(value)]
-        else:
-            lines.append(f"  {f.name}={value!r}")
-    from strato_env.config import EnvConfig
-
-    env = EnvConfig()
-    lines += [f"  env.{g.name}={getattr(env, g.name)!r}" for g in fields(EnvConfig) if g.name != "task"]
-    lines += [f"  env.task.{g.name}={getattr(env.task, g.name)!r}" for g in fields(env.task)]
+def _options_help() -> str:
+    lines = ["per-method options (options.METHOD.KEY=value):"]
+    for name, method in METHODS.items():
+        lines += key_lines(f"options.{name}.", method.options, method.options(), skip=method.fixed_options)
     return "\n".join(lines)
+
+
+def _methods_help(names: list[str]) -> str:
+    return "\n".join(f"  {name:<13} {METHODS[name].summary}" for name in names)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train an allocation policy or run a Go-Explore search; writes a run folder",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=_config_keys(),
+        epilog=f"agents (agent=NAME):\n{_methods_help(trainable_agents())}\n\n"
+        + config_help(TrainConfig, TRAIN_HELP_SECTIONS),
         description="strato train [CONFIG.yaml] [key=value ...]: with no arguments, MaskablePPO on the embedded "
         "default (planted instance on gpt2-tiny).",
     )
@@ -62,15 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--seed", type=int, default=0, help="episode seed")
     apply.add_argument("--out", required=True, help="run folder to create")
 
-    from agents.bench import BACKENDS, BenchConfig
-
     bench = commands.add_parser(
         "bench",
         help="run a benchmark grid of methods x instances x seeds; writes results.csv, summary.md and plots",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=_config_keys(BenchConfig),
-        description="strato bench [CONFIG.yaml] [key=value ...]: with no config, the planted benchmark of "
-        "configs/bench_planted.yaml. Rerunning the same command resumes an interrupted benchmark.",
+        epilog=f"methods (methods=[...]; uniform and the planted oracle always run):\n{_methods_help(list(METHODS))}"
+        "\n\n" + config_help(BenchConfig, {"env": ENV_SECTION}) + "\n" + _options_help(),
+        description="strato bench CONFIG.yaml [key=value ...], e.g. configs/bench_planted.yaml or "
+        "configs/bench_text.yaml. Rerunning the same command resumes an interrupted benchmark.",
     )
     bench.add_argument("items", nargs="*", metavar="[CONFIG] [key=value ...]", help="a YAML config and overrides")
     bench.add_argument("--quick", action="store_true", help="apply the config's `quick` section (default: False)")

@@ -1,35 +1,63 @@
-"""Experiment configs: YAML files plus `key=value` overrides, validated into typed dataclasses before any work."""
+"""Experiment configs: YAML files plus `key=value` overrides (merged by OmegaConf), validated into typed
+dataclasses before any work."""
 
 from __future__ import annotations
 
-import copy
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+from omegaconf import OmegaConf
 
 from agents.go_explore import GoExploreConfig
+from agents.methods import method, trainable_agents
 from agents.ppo.train import PPOConfig
-from strato_env.config import EnvConfig, from_dict
-
-AGENTS = ("ppo", "maskable_ppo", "a2c", "go_explore")
+from strato_env.config import EnvConfig, TaskConfig, field_docs, from_dict
 
 
-def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """`base` updated by `override`, recursing into nested dicts (e.g. `task`)."""
-    merged = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
+def merge(*configs: dict[str, Any]) -> dict[str, Any]:
+    """The configs merged left to right: nested mappings (e.g. `task`) key by key, anything else replaced."""
+    return OmegaConf.to_container(OmegaConf.merge(*configs), resolve=True)
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`["ppo.total_timesteps=64", "env.model=llama-tiny"]` -> nested dict, values parsed as YAML."""
+    for pair in pairs:
+        if "=" not in pair:
+            raise ValueError(f"override {pair!r} is invalid: expected key=value, e.g. agent=go_explore")
+    return OmegaConf.to_container(OmegaConf.from_dotlist(pairs), resolve=True)
+
+
+def read_config(path: str | None, overrides: list[str] | None, kind: str) -> dict[str, Any]:
+    """The mapping in YAML file `path` (if any) updated by `key=value` overrides; `kind` names it in errors."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        if not Path(path).is_file():
+            raise ValueError(f"config file {path!r} does not exist")
+        values = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"config file {path!r} must hold a mapping of {kind} keys")
+    return merge(values, parse_overrides(overrides or []))
+
+
+def check_instances(config: Any) -> None:
+    """`env` is a mapping and `train_instances` / `test_instances` are lists of mappings."""
+    if not isinstance(config.env, dict):
+        raise ValueError(f"env={config.env!r} is invalid: expected a mapping of EnvConfig fields")
+    for key in ("train_instances", "test_instances"):
+        value = getattr(config, key)
+        if not isinstance(value, list) or not all(isinstance(i, dict) for i in value):
+            raise ValueError(f"{key}={value!r} is invalid: expected a list of mappings of EnvConfig fields")
 
 
 class InstanceSet:
     """What configs with `env` (EnvConfig fields) and `train_instances` / `test_instances` (overrides of `env`)
     share: labelled instances and their validated EnvConfig."""
+
+    env: dict[str, Any]
+    train_instances: list[dict[str, Any]]
+    test_instances: list[dict[str, Any]]
 
     def labelled_instances(self) -> list[tuple[str, dict[str, Any]]]:
         return [(f"train_instances[{i}]", x) for i, x in enumerate(self.train_instances)] + [
@@ -49,7 +77,7 @@ class TrainConfig(InstanceSet):
     """One `strato train` run."""
 
     agent: str = "maskable_ppo"
-    """'ppo', 'maskable_ppo', 'a2c' (a policy) or 'go_explore' (a search)."""
+    """'ppo', 'maskable_ppo', 'a2c' (a policy learner) or 'go_explore' (a search)."""
     seed: int = 0
     """Seed of the agent and of the episodes."""
     env: dict[str, Any] = field(default_factory=dict)
@@ -58,27 +86,31 @@ class TrainConfig(InstanceSet):
     """Instances trained on, round robin; each is a set of EnvConfig overrides on top of `env`."""
     test_instances: list[dict[str, Any]] = field(default_factory=list)
     """Held-out instances the trained policy is evaluated on (policies only)."""
-    ppo: PPOConfig = field(default_factory=PPOConfig)
-    """PPO / MaskablePPO / A2C settings."""
-    go_explore: GoExploreConfig = field(default_factory=GoExploreConfig)
-    """Go-Explore settings."""
+    ppo: Any = None
+    """Policy learners: PPOConfig fields (ppo, maskable_ppo) or PolicyConfig fields (a2c: no batch_size,
+    n_epochs or clip_range)."""
+    go_explore: Any = None
+    """agent=go_explore: GoExploreConfig fields."""
     runs_dir: str = "runs"
     """Folder under which the run folder is created."""
     name: str | None = None
     """Run folder name (default: agent and time)."""
 
     def __post_init__(self) -> None:
-        if self.agent not in AGENTS:
-            raise ValueError(f"agent={self.agent!r} is invalid: allowed {list(AGENTS)}")
-        if isinstance(self.ppo, dict):
-            self.ppo = from_dict(PPOConfig, self.ppo, where="ppo.")
-        if isinstance(self.go_explore, dict):
-            self.go_explore = from_dict(GoExploreConfig, self.go_explore, where="go_explore.")
-        if not isinstance(self.env, dict):
-            raise ValueError(f"env={self.env!r} is invalid: expected a mapping of EnvConfig fields")
-        for key, instances in (("train_instances", self.train_instances), ("test_instances", self.test_instances)):
-            if not isinstance(instances, list) or not all(isinstance(i, dict) for i in instances):
-                raise ValueError(f"{key}={instances!r} is invalid: expected a list of mappings of EnvConfig fields")
+        agent = method(self.agent, "agent")
+        if not agent.trainable:
+            raise ValueError(f"agent={self.agent!r} is invalid: allowed {trainable_agents()}")
+        sections = {"ppo": agent.learned, "go_explore": self.agent == "go_explore"}
+        for section, used in sections.items():
+            value = getattr(self, section)
+            if not used and value:
+                raise ValueError(f"{section}: does not apply to agent={self.agent!r}; remove it")
+            if used:
+                try:
+                    setattr(self, section, agent.parse_options(value or {}, f"{section}."))
+                except ValueError as error:
+                    raise ValueError(f"{error} (agent={self.agent})") from None
+        check_instances(self)
         if not self.train_instances:
             raise ValueError("train_instances=[] is invalid: at least one instance is needed")
         for where, instance in self.labelled_instances():
@@ -89,32 +121,49 @@ class TrainConfig(InstanceSet):
         return {k: asdict(v) if is_dataclass(v) else v for k, v in values.items()}
 
 
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """`["ppo.total_timesteps=64", "env.model=llama-tiny"]` -> nested dict, values parsed as YAML."""
-    result: dict[str, Any] = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise ValueError(f"override {pair!r} is invalid: expected key=value, e.g. agent=go_explore")
-        key, raw = pair.split("=", 1)
-        node = result
-        *parents, leaf = key.strip().split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(raw)
-    return result
-
-
-def read_config(path: str | None, overrides: list[str] | None, kind: str) -> dict[str, Any]:
-    """The mapping in YAML file `path` (if any) updated by `key=value` overrides; `kind` names it in errors."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        if not Path(path).is_file():
-            raise ValueError(f"config file {path!r} does not exist")
-        values = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"config file {path!r} must hold a mapping of {kind} keys")
-    return merge(values, parse_overrides(overrides or []))
-
-
 def load_train_config(path: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
     return from_dict(TrainConfig, read_config(path, overrides, "TrainConfig"))
+
+
+def key_lines(prefix: str, cls: type, defaults: Any, skip: tuple[str, ...] = ()) -> list[str]:
+    """`prefix.key=default` and its docstring for each field of dataclass `cls` (recursing into nested ones),
+    except the fields named in `skip`."""
+    docs = field_docs(cls)
+    lines = []
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        value = getattr(defaults, f.name)
+        if is_dataclass(value):
+            lines += key_lines(f"{prefix}{f.name}.", type(value), value)
+            continue
+        lines.append(f"  {prefix}{f.name}={value!r}")
+        if docs.get(f.name):
+            lines.append(f"      {docs[f.name]}")
+    return lines
+
+
+def config_help(cls: type, sections: dict[str, tuple[type, Any]]) -> str:
+    """Every `key=value` that a config of dataclass `cls` accepts, with its default and its docstring;
+    `sections` gives the dataclass (and defaults) of nested sections such as `ppo` or `env`."""
+    docs = field_docs(cls)
+    lines = ["config keys (key=value overrides, dotted for nested ones):"]
+    for f in fields(cls):
+        if f.name in sections:
+            section_cls, defaults = sections[f.name]
+            lines.append(f"  {f.name}: {docs.get(f.name, '')}")
+            lines += key_lines(f"{f.name}.", section_cls, defaults)
+        else:
+            default = f.default_factory() if f.default_factory is not MISSING else f.default
+            lines.append(f"  {f.name}={default!r}")
+            if docs.get(f.name):
+                lines.append(f"      {docs[f.name]}")
+    return "\n".join(lines)
+
+
+ENV_SECTION = (EnvConfig, EnvConfig(task=TaskConfig()))
+TRAIN_HELP_SECTIONS = {
+    "env": ENV_SECTION,
+    "ppo": (PPOConfig, PPOConfig()),
+    "go_explore": (GoExploreConfig, GoExploreConfig()),
+}

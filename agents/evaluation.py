@@ -2,34 +2,46 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import numpy as np
 from sb3_contrib import MaskablePPO
+from scipy import stats
 
 from strato_env.costs import uniform_rank_for_budget
 from strato_env.env import RankAllocationEnv
 
-_UNIFORM_CACHE: dict[tuple[str, int, int], float] = {}
-
 
 def uniform_allocation(env: RankAllocationEnv) -> dict[str, int]:
-    """Uniform LoRA at the budget: the largest integer rank that every module can get."""
-    rank = uniform_rank_for_budget(env.modules, env.budget - env.lora.extra_params)
+    """Uniform LoRA at the budget: the largest integer rank that every module can get (any integer, not only
+    ladder ranks)."""
+    rank = uniform_rank_for_budget(env.modules, env.budget - env.extra_params)
     return {m.name: rank for m in env.modules}
 
 
 def uniform_loss(env: RankAllocationEnv, seed: int = 0) -> float:
-    """Final loss of uniform LoRA at the env's budget, trained for one episode (cached per protocol)."""
-    key = (env._protocol_key(), env.budget, seed)
-    if key not in _UNIFORM_CACHE:
-        _UNIFORM_CACHE[key] = env.evaluate_allocation(uniform_allocation(env), seed=seed)
-    return _UNIFORM_CACHE[key]
+    """Final loss of uniform LoRA at the env's budget, trained for one episode (remembered per instance)."""
+    return env.static_loss(uniform_allocation(env), seed=seed)
 
 
-def gap_closed(loss: float, uniform: float, oracle: float | None) -> float:
-    """(L_uniform - L_method) / (L_uniform - L_oracle): 0 for uniform LoRA, 1 for the oracle."""
-    if oracle is None or not np.isfinite(loss) or uniform == oracle:
+def gap_closed(loss: float, uniform: float | None, oracle: float | None) -> float:
+    """(L_uniform - L_method) / (L_uniform - L_oracle): 0 for uniform LoRA, 1 for the oracle; NaN when a
+    reference is missing, the loss is not finite or the references are equal."""
+    if uniform is None or oracle is None or not np.isfinite(loss) or uniform == oracle:
         return float("nan")
     return (uniform - loss) / (uniform - oracle)
+
+
+def mean_ci(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% Student-t confidence interval over the finite values (NaN half-width
+    with fewer than 2 of them)."""
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return math.nan, math.nan
+    if len(finite) < 2:
+        return float(finite[0]), math.nan
+    return float(np.mean(finite)), float(stats.t.ppf(0.975, len(finite) - 1) * stats.sem(finite))
 
 
 def run_policy_episode(model, env: RankAllocationEnv, seed: int, deterministic: bool = True) -> dict:

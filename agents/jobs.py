@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -16,22 +17,17 @@ from agents.evaluation import gap_closed, run_policy_episode, uniform_allocation
 from agents.ppo.train import EpisodeLog, build_algorithm, load_policy, parallel_env, round_robin, save_policy
 from agents.runs import RunFolder, learning_curve, loss_versus_params, rank_heatmap
 from strato_env.config import EnvConfig, from_dict
-from strato_env.env import MODULE_FEATURES, RankAllocationEnv
+from strato_env.env import RankAllocationEnv
 from strato_env.models import find_target_modules, load_model
+from strato_env.observation import slots_of
 
 
-def instance_label(config: EnvConfig) -> str:
-    task = config.task
-    detail = task.profile if task.name == "planted" else os.path.basename(str(task.data))
-    return f"{config.model}/{task.name}/{detail}"
-
-
-def _score(env: RankAllocationEnv, label: str, loss: float, allocation: dict[str, int], seed: int) -> dict[str, Any]:
+def _score(env: RankAllocationEnv, loss: float, allocation: dict[str, int], seed: int) -> dict[str, Any]:
     """One report row: the method's loss against uniform LoRA and (planted) the oracle, at the env's budget."""
     uniform = uniform_loss(env, seed=0)
     static = env.evaluate_allocation(allocation, seed=0)
     return {
-        "instance": label,
+        "instance": env.config.label,
         "seed": seed,
         "loss": loss,
         "static_loss": static,
@@ -56,7 +52,7 @@ def _write_results(
 ) -> None:
     """allocation.json, adapter/, metrics.csv, evaluation.csv, plots and report.md (written last)."""
     run.write_json("allocation.json", allocation)
-    if any(allocation.values()) or env.lora.extra_params:
+    if any(allocation.values()) or env.extra_params:
         env.export_adapter(str(run.path / "adapter"))
     else:
         title += " (no adapter: the allocation adapts no module)"
@@ -69,10 +65,8 @@ def _write_results(
         title: (evaluation[0]["params"], evaluation[0]["static_loss"]),
     }
     if env.oracle_loss is not None:
-        references["oracle"] = (env.params_of(env.data.oracle_ranks), env.oracle_loss)
-    run.save_figure(
-        "loss_vs_params.png", loss_versus_params(points or rows, references, env.budget, instance_label(env.config))
-    )
+        references["oracle"] = (env.params_of(env.oracle_allocation), env.oracle_loss)
+    run.save_figure("loss_vs_params.png", loss_versus_params(points or rows, references, env.budget, env.config.label))
     run.write_text("report.md", _report(title, evaluation, run.wall_seconds))
 
 
@@ -126,14 +120,14 @@ def train(config: TrainConfig) -> Path:
 def _train_policy(config: TrainConfig, envs: list[RankAllocationEnv], run: RunFolder) -> None:
     parallel = config.ppo.n_envs > 1
     env = parallel_env([e.config for e in envs], config.ppo.n_envs) if parallel else round_robin(envs)
-    model = build_algorithm(config.ppo, env, config.seed, tensorboard_log=str(run.path / "tensorboard"))
+    model = build_algorithm(config.agent, config.ppo, env, config.seed, tensorboard_log=str(run.path / "tensorboard"))
     rows: list[dict[str, Any]] = []
     try:
         model.learn(
             config.ppo.total_timesteps,
             callback=EpisodeLog(rows.append),
             progress_bar=True,
-            tb_log_name=config.ppo.algorithm,
+            tb_log_name=config.agent,
         )
     finally:
         if parallel:
@@ -147,9 +141,9 @@ def _train_policy(config: TrainConfig, envs: list[RankAllocationEnv], run: RunFo
     test_envs = [RankAllocationEnv(config.env_config(i)) for i in config.test_instances]
     for env_ in envs + test_envs:
         episodes.append(run_policy_episode(model, env_, seed=config.seed))
-        score = _score(env_, instance_label(env_.config), episodes[-1]["loss"], episodes[-1]["allocation"], config.seed)
+        score = _score(env_, episodes[-1]["loss"], episodes[-1]["allocation"], config.seed)
         evaluation.append(score | {"split": "train" if env_ in envs else "test"})
-    _write_results(run, envs[0], episodes[0]["allocation"], rows, evaluation, "timesteps", config.ppo.algorithm)
+    _write_results(run, envs[0], episodes[0]["allocation"], rows, evaluation, "timesteps", config.agent)
 
 
 def _train_go_explore(config: TrainConfig, env: RankAllocationEnv, run: RunFolder) -> None:
@@ -166,11 +160,16 @@ def _train_go_explore(config: TrainConfig, env: RankAllocationEnv, run: RunFolde
 
         result = agent.run(env, seed=config.seed, progress=progress)
     agent.archive.save(str(run.path / "archive.json"))
-    env.reset(seed=config.seed)
-    for action in result.trajectory:
-        env.step(action)
+    _, info = env.reset(seed=config.seed)
+    for action in result.trajectory:  # the adapter to export is the one the best trajectory trains
+        _, _, _, _, info = env.step(action)
+    if not math.isclose(info["loss"], result.loss, rel_tol=1e-6) or info["allocation"] != result.allocation:
+        raise RuntimeError(
+            f"replaying the best trajectory from reset gave loss {info['loss']} and allocation {info['allocation']}, "
+            f"not the archived {result.loss} and {result.allocation}: the episode is not reproducible"
+        )
     evaluation = [
-        _score(env, instance_label(env.config), result.loss, result.allocation, config.seed)
+        _score(env, result.loss, result.allocation, config.seed)
         | {"split": "train", "search_optimizer_steps": result.optimizer_steps}
     ]
     points = [{"params": env.params_of(e.allocation), "loss": e.loss} for e in agent.archive if np.isfinite(e.loss)]
@@ -192,8 +191,7 @@ def apply(
     if not Path(policy).is_file():
         raise ValueError(f"--policy {policy!r}: no such file")
     agent = load_policy(policy)
-    slots = agent.observation_space["modules"].shape[0] // MODULE_FEATURES
-    env_values = merge(_run_config_of(policy), {"model": model, "max_modules": slots})
+    env_values = merge(_run_config_of(policy), {"model": model, "max_modules": slots_of(agent.observation_space)})
     env_values.pop("budget", None)  # the trained-on budget does not fit another model
     if task:
         env_values["task"] = merge(env_values.get("task", {}), task) if task.get("name") in (None, "planted") else task
@@ -206,7 +204,7 @@ def apply(
         run.write_yaml("config.yaml", {"policy": str(policy), "seed": seed, "env": env_config.to_dict()})
         env = RankAllocationEnv(env_config)
         episode = run_policy_episode(agent, env, seed=seed)
-        evaluation = [_score(env, instance_label(env_config), episode["loss"], episode["allocation"], seed)]
+        evaluation = [_score(env, episode["loss"], episode["allocation"], seed)]
         _write_results(
             run, env, episode["allocation"], episode["decisions"], evaluation, "decision", f"policy on {model}"
         )

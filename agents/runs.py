@@ -6,7 +6,6 @@ import csv
 import io
 import json
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,18 +18,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
+from strato_env.files import write_atomic  # noqa: E402
 from strato_env.models import TargetModule  # noqa: E402
 
 UNFINISHED = "UNFINISHED"
-
-
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write through a temporary file in the same folder, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(handle, "wb") as file:
-        file.write(data.encode() if isinstance(data, str) else data)
-    os.replace(staging, path)
 
 
 class RunFolder:

@@ -5,12 +5,12 @@
 
 from gymnasium.envs.registration import register
 
-from strato_env.config import EnvConfig, TaskConfig
+from strato_env.config import MAX_DECISIONS, EnvConfig, TaskConfig
 
 register(
     id="strato_env/RankAllocation-v0",
     entry_point="strato_env.env:RankAllocationEnv",
-    max_episode_steps=256,  # a safety net; the env truncates itself after `decisions` steps
+    max_episode_steps=MAX_DECISIONS,  # a safety net; the env truncates itself after `decisions` steps
 )
 
 __all__ = ["EnvConfig", "TaskConfig"]

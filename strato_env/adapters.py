@@ -22,9 +22,8 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from strato_env.models import TargetModule
+from strato_env.models import TargetModule, fan_in_fan_out
 
 ADAPTER = "default"
 
@@ -53,13 +52,12 @@ class DynamicLora:
         modules_to_save: Sequence[str] | None = None,
     ) -> None:
         self.modules = list(modules)
-        fan_in_fan_out = isinstance(model.get_submodule(self.modules[0].name), Conv1D)
         config = LoraConfig(
             r=1,
             lora_alpha=1,
             lora_dropout=0.0,
             target_modules=[m.name for m in self.modules],
-            fan_in_fan_out=fan_in_fan_out,
+            fan_in_fan_out=fan_in_fan_out(model, self.modules),
             modules_to_save=list(modules_to_save) if modules_to_save else None,
         )
         with warnings.catch_warnings():  # peft reads a transformers attribute that transformers deprecates

@@ -2,35 +2,84 @@
 
 from __future__ import annotations
 
-import math
+import ast
+import inspect
+import os
+import textwrap
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+
+from strato_env.validation import check_choice, check_int, check_number, fail, is_int
 
 PLANTED_PROFILES = ("top-heavy", "bottom-heavy", "attention-only", "mlp-only", "random-sparse")
 TASK_NAMES = ("planted", "causal_lm", "classification")
 
 
-def _fail(field_name: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"{field_name}={value!r} is invalid: {allowed}")
-
-
-def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        _fail(name, value, "expected an integer >= 1")
-
-
-def _check_positive_float(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-        _fail(name, value, "expected a finite number > 0")
-
-
 def from_dict(cls: type, values: dict[str, Any], where: str = "") -> Any:
-    """Build dataclass `cls` from a plain dict, rejecting unknown keys by name."""
+    """Build dataclass `cls` from a plain dict, rejecting unknown keys by name (prefixed by `where`)."""
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"unknown key {where}{unknown[0]!r}; allowed keys: {sorted(known)}")
+        raise ValueError(f"unknown key {where}{unknown[0]}; allowed keys: {sorted(known)}")
     return cls(**values)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of dataclass `cls` (and of its bases), by field name."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__[:-1]):
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for statement, following in zip(body, body[1:], strict=False):
+            if (
+                isinstance(statement, ast.AnnAssign)
+                and isinstance(statement.target, ast.Name)
+                and isinstance(following, ast.Expr)
+                and isinstance(following.value, ast.Constant)
+                and isinstance(following.value.value, str)
+            ):
+                docs[statement.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
+MAX_DECISIONS = 256
+
+
+def check_device(device: Any) -> None:
+    """A torch device string whose accelerator is present on this machine."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        fail("device", device, "expected a torch device such as 'cpu', 'cuda' or 'cuda:1'")
+    if parsed.type == "cpu":
+        return
+    module = getattr(torch, parsed.type, None)
+    available = module is not None and hasattr(module, "is_available") and module.is_available()
+    count = module.device_count() if available and hasattr(module, "device_count") else int(available)
+    if not available or (parsed.index is not None and parsed.index >= count):
+        fail(
+            "device",
+            device,
+            f"this machine has {count} {parsed.type} device(s); allowed: 'cpu'"
+            + (f" or {parsed.type}:0 to {parsed.type}:{count - 1}" if count else ""),
+        )
+
+
+@dataclass(frozen=True)
+class TrainingProtocol:
+    """The settings that, with the instance, fix what training an allocation gives (keys of the result caches)."""
+
+    rank_ladder: tuple[int, ...]
+    decisions: int
+    inner_steps: int
+    batch_size: int
+    learning_rate: float
+    weight_decay: float
 
 
 @dataclass
@@ -63,15 +112,13 @@ class TaskConfig:
     """Seed of the instance itself: planted updates, synthetic inputs, data subsets. Not the episode seed."""
 
     def __post_init__(self) -> None:
-        if self.name not in TASK_NAMES:
-            _fail("task.name", self.name, f"allowed: {list(TASK_NAMES)}")
-        if self.profile not in PLANTED_PROFILES:
-            _fail("task.profile", self.profile, f"allowed: {list(PLANTED_PROFILES)}")
+        check_choice("task.name", self.name, TASK_NAMES)
+        check_choice("task.profile", self.profile, PLANTED_PROFILES)
         for name in ("planted_rank", "seq_len", "train_examples", "eval_examples"):
-            _check_positive_int(f"task.{name}", getattr(self, name))
-        _check_positive_float("task.planted_scale", self.planted_scale)
+            check_int(f"task.{name}", getattr(self, name), 1)
+        check_number("task.planted_scale", self.planted_scale, 0, low_open=True)
         if self.name != "planted" and not self.data:
-            _fail("task.data", self.data, f"task {self.name!r} needs a local path or a hub dataset id")
+            fail("task.data", self.data, f"task {self.name!r} needs a local path or a hub dataset id")
 
 
 @dataclass
@@ -122,41 +169,53 @@ class EnvConfig:
         if isinstance(self.task, dict):
             self.task = from_dict(TaskConfig, self.task, where="task.")
         if not isinstance(self.model, str) or not self.model:
-            _fail("model", self.model, "expected a preset name, hub id or local directory")
+            fail("model", self.model, "expected a preset name, hub id or local directory")
         ladder = tuple(self.rank_ladder)
         if (
             len(ladder) < 2
-            or any(isinstance(r, bool) or not isinstance(r, int) for r in ladder)
+            or not all(is_int(r) for r in ladder)
             or ladder[0] != 0
             or any(b <= a for a, b in zip(ladder, ladder[1:], strict=False))
         ):
-            _fail(
+            fail(
                 "rank_ladder",
                 self.rank_ladder,
                 "expected strictly increasing integers starting at 0, e.g. (0, 1, 2, 4, 8)",
             )
         self.rank_ladder = ladder
         if self.budget is not None:
-            _check_positive_int("budget", self.budget)
-        for name in ("decisions", "inner_steps", "max_modules", "batch_size"):
-            _check_positive_int(name, getattr(self, name))
-        _check_positive_float("learning_rate", self.learning_rate)
-        if isinstance(self.probe_steps, bool) or not isinstance(self.probe_steps, int) or self.probe_steps < 0:
-            _fail("probe_steps", self.probe_steps, "expected an integer >= 0")
+            check_int("budget", self.budget, 1)
+        check_int("decisions", self.decisions, 1, MAX_DECISIONS)
+        for name in ("inner_steps", "max_modules", "batch_size"):
+            check_int(name, getattr(self, name), 1)
+        check_number("learning_rate", self.learning_rate, 0, low_open=True)
+        check_int("probe_steps", self.probe_steps, 0)
         for name in ("cost_weight", "weight_decay", "divergence_penalty"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
-                _fail(name, value, "expected a number >= 0")
-        if not 0 <= self.importance_smoothing < 1:
-            _fail("importance_smoothing", self.importance_smoothing, "expected a number in [0, 1)")
+            check_number(name, getattr(self, name), 0)
+        check_number("importance_smoothing", self.importance_smoothing, 0, 1, high_open=True)
         if self.task.name == "planted" and self.task.planted_rank not in ladder:
-            _fail("task.planted_rank", self.task.planted_rank, f"is not on rank_ladder {list(ladder)}")
+            fail("task.planted_rank", self.task.planted_rank, f"expected a rank on rank_ladder {list(ladder)}")
         if self.initial_rank not in ladder:
-            _fail("initial_rank", self.initial_rank, f"must be on the rank ladder {list(ladder)}")
+            fail("initial_rank", self.initial_rank, f"expected a rank on rank_ladder {list(ladder)}")
+        check_device(self.device)
 
     @property
     def r_max(self) -> int:
         return self.rank_ladder[-1]
+
+    @property
+    def label(self) -> str:
+        """A readable name of the instance, e.g. 'llama-tiny/planted/top-heavy' or 'gpt2-tiny/causal_lm/a.txt'."""
+        task = self.task
+        detail = task.profile if task.name == "planted" else os.path.basename(str(task.data).rstrip("/"))
+        return f"{self.model}/{task.name}/{detail}"
+
+    @property
+    def protocol(self) -> TrainingProtocol:
+        """What, besides the instance, fixes the result of training an allocation."""
+        return TrainingProtocol(
+            self.rank_ladder, self.decisions, self.inner_steps, self.batch_size, self.learning_rate, self.weight_decay
+        )
 
     def to_dict(self) -> dict[str, Any]:
         values = asdict(self)

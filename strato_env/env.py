@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import gymnasium as gym
@@ -10,6 +12,7 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
+from strato_env import observation as obs
 from strato_env.adapters import DynamicLora
 from strato_env.config import EnvConfig
 from strato_env.costs import allocation_cost, cheapest_nonempty
@@ -18,19 +21,41 @@ from strato_env.instance import fresh_model, get_instance
 from strato_env.models import MODULE_KINDS
 
 SHRINK, KEEP, GROW = 0, 1, 2
-MAX_DECISIONS = 256
-MODULE_FEATURES = 5 + len(MODULE_KINDS)
-GLOBAL_FEATURES = 4
 LOSS_RATIO_MAX = 10.0
-
-# Results that depend only on the instance and the training protocol, shared by every env of a process.
-_PROBE_CACHE: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-_ORACLE_CACHE: dict[str, float] = {}
 
 
 def data_order(rng: np.random.Generator, pool_size: int, total: int) -> np.ndarray:
     """Row indices of an episode's training batches: shuffled passes over the pool, `total` rows."""
     return np.concatenate([rng.permutation(pool_size) for _ in range(math.ceil(total / pool_size))])[:total]
+
+
+def episode_randomness(rng: np.random.Generator, pool_size: int, rows: int) -> tuple[int, np.ndarray]:
+    """What an episode draws from the env's generator as it starts, in this order: the seed of the adapters'
+    torch generator (new A rows), then the row order of its `rows` training examples. Any other training run
+    that wants the episode's randomness (e.g. the AdaLoRA baseline) gets it here."""
+    return int(rng.integers(2**62)), data_order(rng, pool_size, rows)
+
+
+@dataclass
+class Episode:
+    """The state of the current episode besides the adapters, optimizer and random generators."""
+
+    decision: int
+    optimizer_steps: int
+    order: np.ndarray
+    """Row indices of the training batches, in order, for the whole episode."""
+    initial_loss: float
+    loss: float
+    last_gain: float
+    gradients: np.ndarray
+    """Smoothed ||dL/dW|| per module."""
+    diverged: bool = False
+
+    def copy(self) -> Episode:
+        return dataclasses.replace(self, order=self.order.copy(), gradients=self.gradients.copy())
+
+
+STATE_KEYS = ("episode", "lora", "np_random", "generator")
 
 
 class RankAllocationEnv(gym.Env):
@@ -45,7 +70,8 @@ class RankAllocationEnv(gym.Env):
 
     ## Action Space
 
-    `MultiDiscrete([3] * max_modules)`: per module slot `0` shrink, `1` keep, `2` grow. `action_masks()`
+    `MultiDiscrete([3] * max_modules)`: per module slot `0` shrink, `1` keep, `2` grow; any other value or
+    shape raises a `ValueError`. `action_masks()`
     gives the flat boolean mask (length `3 * max_modules`) that sb3-contrib's MaskablePPO reads: no rank off
     the ladder, no grow that alone would break the budget, padding slots may only keep. Unmasked agents may
     send anything: a move off the ladder is ignored; shrinks apply first, then grows in a random order
@@ -54,23 +80,25 @@ class RankAllocationEnv(gym.Env):
     ## Observation Space
 
     `Dict(modules=Box(max_modules * 10), global=Box(4))`, scale-free so one policy fits any model.
-    `modules` is flat (as SB3 prefers); `modules.reshape(max_modules, 10)` gives one row per module slot:
+    `modules` is flat (as SB3 prefers); `strato_env.observation.module_table(modules)` gives one row per module
+    slot. Read columns by their names in `strato_env.observation` (`IMPORTANCE`, `DEPTH`, `KINDS`, `PRESENT`,
+    `BUDGET_USED`, ...), not by number:
 
-    | modules[:, i] | meaning                                                   | bounds  |
-    |---------------|-----------------------------------------------------------|---------|
-    | 0             | importance: probe gain x remaining dL/dW share, min-max scaled | [0, 1] |
-    | 1             | rank / r_max                                              | [0, 1]  |
-    | 2             | parameters per unit of rank / B                           | [0, 1]  |
-    | 3             | relative depth (layer / (layers - 1))                     | [0, 1]  |
-    | 4-8           | kind one-hot: attention in, attention out, MLP in, MLP out, other | {0, 1} |
-    | 9             | present flag (0 for padding slots, whose features are all 0) | {0, 1} |
+    | column (index)         | meaning                                                   | bounds  |
+    |------------------------|-----------------------------------------------------------|---------|
+    | IMPORTANCE (0)         | probe gain x remaining dL/dW share, min-max scaled        | [0, 1]  |
+    | RANK (1)               | rank / r_max                                              | [0, 1]  |
+    | PARAMS_PER_RANK (2)    | parameters per unit of rank / B                           | [0, 1]  |
+    | DEPTH (3)              | relative depth (layer / (layers - 1))                     | [0, 1]  |
+    | KINDS (4-8)            | kind one-hot: attention in, attention out, MLP in, MLP out, other | {0, 1} |
+    | PRESENT (9)            | present flag (0 for padding slots, whose features are all 0) | {0, 1} |
 
-    | global[i] | meaning                                 | bounds    |
-    |-----------|-----------------------------------------|-----------|
-    | 0         | budget used, P_t / B                    | [0, 1]    |
-    | 1         | decisions left / decisions              | [0, 1]    |
-    | 2         | L_t / L_0 (clipped)                     | [0, 10]   |
-    | 3         | last loss gain (L_{t-1} - L_t) / L_0    | [-10, 1]  |
+    | column (index)     | meaning                                 | bounds    |
+    |--------------------|-----------------------------------------|-----------|
+    | BUDGET_USED (0)    | budget used, P_t / B                    | [0, 1]    |
+    | DECISIONS_LEFT (1) | decisions left / decisions              | [0, 1]    |
+    | LOSS_RATIO (2)     | L_t / L_0 (clipped)                     | [0, 10]   |
+    | LAST_GAIN (3)      | last loss gain (L_{t-1} - L_t) / L_0    | [-10, 1]  |
 
     ## Rewards
 
@@ -127,10 +155,13 @@ class RankAllocationEnv(gym.Env):
         if config is not None and kwargs:
             raise ValueError("pass either config or keyword arguments, not both")
         self.config = config if config is not None else EnvConfig(**kwargs)
-        if self.config.decisions > MAX_DECISIONS:
-            raise ValueError(f"decisions={self.config.decisions} is invalid: at most {MAX_DECISIONS}")
         self.instance = get_instance(self.config)
         self.modules = self.instance.modules
+        if len(self.modules) > self.config.max_modules:
+            raise ValueError(
+                f"max_modules={self.config.max_modules} is invalid: {self.config.model} has {len(self.modules)} "
+                f"target modules; allowed: max_modules >= {len(self.modules)}"
+            )
         self.data = self.instance.data
         self.ladder = self.config.rank_ladder
 
@@ -151,7 +182,7 @@ class RankAllocationEnv(gym.Env):
         self.action_space = spaces.MultiDiscrete([3] * n)
         self.observation_space = spaces.Dict(
             {
-                "modules": spaces.Box(0.0, 1.0, (n * MODULE_FEATURES,), np.float32),
+                "modules": spaces.Box(0.0, 1.0, (n * obs.MODULE_FEATURES,), np.float32),
                 "global": spaces.Box(
                     np.array([0, 0, 0, -LOSS_RATIO_MAX], np.float32),
                     np.array([1, 1, LOSS_RATIO_MAX, 1], np.float32),
@@ -159,12 +190,50 @@ class RankAllocationEnv(gym.Env):
                 ),
             }
         )
-        self._episode: dict[str, Any] | None = None
+        self._episode: Episode | None = None
         self.total_optimizer_steps = 0
         """Optimizer steps this env has run since construction, over all episodes and `evaluate_allocation`
         calls (returning to a state with `set_state` runs none)."""
         self._base_gradients, self._probe_gains = self._cached_probe()
         self.oracle_loss = self._cached_oracle_loss()
+
+    # ---- public facts about the instance and the episode ---------------------------------------------------
+    @property
+    def ranks(self) -> dict[str, int]:
+        """The current rank of every target module."""
+        return self.lora.ranks
+
+    @property
+    def extra_params(self) -> int:
+        """Trained parameters outside LoRA (a classification head), counted in every allocation's params."""
+        return self.lora.extra_params
+
+    @property
+    def oracle_allocation(self) -> dict[str, int] | None:
+        """Planted instances: the ranks of the teacher's updates (the optimal allocation); None otherwise."""
+        return dict(self.data.oracle_ranks) if self.data.oracle_ranks is not None else None
+
+    @property
+    def data_order(self) -> np.ndarray:
+        """Row indices into the task's training pool of the current episode's batches, in training order."""
+        if self._episode is None:
+            raise RuntimeError("call reset() before reading data_order")
+        return self._episode.order.copy()
+
+    @property
+    def protocol_key(self) -> tuple:
+        """Identifies what training an allocation gives here: the instance and the training protocol (not the
+        budget or the seed). Equal keys give equal losses for the same allocation and seed."""
+        return (self.instance.key, self.config.protocol)
+
+    def fresh_base_model(self) -> torch.nn.Module:
+        """A private copy of the frozen base model (no adapters), on the env's device."""
+        return fresh_model(self.instance)
+
+    def episode_randomness(self, seed: int) -> tuple[int, np.ndarray]:
+        """(torch generator seed, data order) that an episode started by `reset(seed=seed)` uses."""
+        rows = self.config.decisions * self.config.inner_steps * self.config.batch_size
+        return episode_randomness(gym.utils.seeding.np_random(seed)[0], self.data.train_size, rows)
 
     # ---- validation and instance-level caches -------------------------------------------------------------
     def _default_budget(self) -> int:
@@ -185,18 +254,11 @@ class RankAllocationEnv(gym.Env):
                 f"over budget={self.budget}"
             )
 
-    def _protocol_key(self) -> str:
-        c = self.config
-        return (
-            f"{self.instance.key}|{c.rank_ladder}|{c.decisions}|{c.inner_steps}|{c.batch_size}|"
-            f"{c.learning_rate}|{c.weight_decay}"
-        )
-
     def _cached_probe(self) -> tuple[np.ndarray, np.ndarray]:
         """(||dL/dW|| at the base model, probe gain per module): depend on the instance only, so paid once."""
         c = self.config
-        key = f"{self._protocol_key()}|{c.probe_steps}"
-        if key not in _PROBE_CACHE:
+        key = (c.protocol, c.probe_steps)
+        if key not in self.instance.probes:
             n = self.data.train_size
             batches = [
                 {k: v[torch.arange(i * c.batch_size, (i + 1) * c.batch_size) % n] for k, v in self.data.train.items()}
@@ -207,28 +269,33 @@ class RankAllocationEnv(gym.Env):
             gains = norms
             if c.probe_steps:
                 gains = probe_gains(self.lora, self.ladder[-1], batches, self.data.loss, self.evaluate_loss)
-            _PROBE_CACHE[key] = (norms, gains)
-        return _PROBE_CACHE[key]
+            self.instance.probes[key] = (norms, gains)
+        return self.instance.probes[key]
 
     def _cached_oracle_loss(self) -> float | None:
         if self.data.oracle_ranks is None:
             return None
-        key = self._protocol_key()
-        if key not in _ORACLE_CACHE:
-            _ORACLE_CACHE[key] = self.evaluate_allocation(self.data.oracle_ranks, seed=0)
-        return _ORACLE_CACHE[key]
+        return self.static_loss(self.data.oracle_ranks, seed=0)
+
+    def static_loss(self, allocation: dict[str, int], seed: int = 0) -> float:
+        """`evaluate_allocation`, remembered per instance and protocol: a repeated call trains nothing."""
+        ranks = tuple(int(allocation.get(m.name, 0)) for m in self.modules)
+        key = (self.config.protocol, ranks, seed)
+        if key not in self.instance.static_losses:
+            self.instance.static_losses[key] = self.evaluate_allocation(allocation, seed=seed)
+        return self.instance.static_losses[key]
 
     # ---- costs and features -------------------------------------------------------------------------------
     def params_of(self, allocation: dict[str, int]) -> int:
         return allocation_cost(self.modules, allocation).params + self.lora.extra_params
 
     def _module_features(self) -> np.ndarray:
-        features = np.zeros((self.config.max_modules, MODULE_FEATURES), np.float32)
+        features = np.zeros((self.config.max_modules, obs.MODULE_FEATURES), np.float32)
         for i, m in enumerate(self.modules):
-            features[i, 2] = min(m.params_per_rank / self.budget, 1.0)
-            features[i, 3] = m.depth
-            features[i, 4 + MODULE_KINDS.index(m.kind)] = 1.0
-            features[i, 9] = 1.0
+            features[i, obs.PARAMS_PER_RANK] = min(m.params_per_rank / self.budget, 1.0)
+            features[i, obs.DEPTH] = m.depth
+            features[i, obs.KINDS.start + MODULE_KINDS.index(m.kind)] = 1.0
+            features[i, obs.PRESENT] = 1.0
         return features
 
     # ---- episode ------------------------------------------------------------------------------------------
@@ -253,22 +320,12 @@ class RankAllocationEnv(gym.Env):
         return full
 
     def _start_episode(self, allocation: dict[str, int]) -> None:
-        rng = self.np_random
-        self._generator = torch.Generator(device=self.config.device).manual_seed(int(rng.integers(2**62)))
+        rows = self.config.decisions * self.config.inner_steps * self.config.batch_size
+        torch_seed, order = episode_randomness(self.np_random, self.data.train_size, rows)
+        self._generator = torch.Generator(device=self.config.device).manual_seed(torch_seed)
         self.lora.reinitialize(allocation, self._generator)
-        total = self.config.decisions * self.config.inner_steps * self.config.batch_size
-        order = data_order(rng, self.data.train_size, total)
         initial_loss = self.evaluate_loss()
-        self._episode = {
-            "decision": 0,
-            "optimizer_steps": 0,
-            "order": order,
-            "initial_loss": initial_loss,
-            "loss": initial_loss,
-            "last_gain": 0.0,
-            "gradients": self._base_gradients.copy(),
-            "diverged": False,
-        }
+        self._episode = Episode(0, 0, order, initial_loss, initial_loss, 0.0, self._base_gradients.copy())
 
     @torch.no_grad()
     def evaluate_loss(self, model: torch.nn.Module | None = None) -> float:
@@ -281,10 +338,26 @@ class RankAllocationEnv(gym.Env):
             total += self.data.loss(model, batch) * len(batch["input_ids"])
         return float(total / size)
 
-    def _apply(self, action: np.ndarray) -> None:
+    def _checked_action(self, action: Any) -> np.ndarray:
+        """The action as an integer array, or a ValueError naming what is wrong with it."""
+        array = np.asarray(action)
+        if array.shape != self.action_space.shape:
+            raise ValueError(
+                f"action has shape {array.shape}, expected {self.action_space.shape}: one move per module slot"
+            )
+        valid = np.isin(array, (SHRINK, KEEP, GROW))
+        if not valid.all():
+            slot = int(np.argmin(valid))
+            raise ValueError(
+                f"action[{slot}]={array[slot].item()!r} is invalid: allowed moves are {SHRINK} (shrink), "
+                f"{KEEP} (keep) and {GROW} (grow)"
+            )
+        return array.astype(np.int64)
+
+    def _apply(self, moves: np.ndarray) -> None:
         ranks = self.lora.ranks
         index = {name: self.ladder.index(r) for name, r in ranks.items()}
-        moves = np.asarray(action).reshape(-1)[: len(self.modules)]
+        moves = moves[: len(self.modules)]
         for m, move in zip(self.modules, moves, strict=True):
             if move == SHRINK and index[m.name] > 0:
                 index[m.name] -= 1
@@ -302,8 +375,8 @@ class RankAllocationEnv(gym.Env):
         episode = self._episode
         size = self.config.batch_size
         for step in range(steps):
-            start = episode["optimizer_steps"] * size
-            rows = torch.as_tensor(episode["order"][start : start + size], device=self.config.device)
+            start = episode.optimizer_steps * size
+            rows = torch.as_tensor(episode.order[start : start + size], device=self.config.device)
             batch = {k: v[rows] for k, v in self.data.train.items()}
             last = step == steps - 1
             with WeightGradients(self._base_weights if last else []) as gradients:
@@ -314,30 +387,30 @@ class RankAllocationEnv(gym.Env):
                     self.lora.optimizer.zero_grad(set_to_none=True)
                 if last:
                     smoothing = self.config.importance_smoothing
-                    episode["gradients"] = smoothing * episode["gradients"] + (1 - smoothing) * gradients.norms()
-            episode["optimizer_steps"] += 1
+                    episode.gradients = smoothing * episode.gradients + (1 - smoothing) * gradients.norms()
+            episode.optimizer_steps += 1
             self.total_optimizer_steps += 1
 
     def step(self, action: np.ndarray):
         if self._episode is None:
             raise RuntimeError("call reset() before step()")
-        if self._episode["decision"] >= self.config.decisions or self._episode["diverged"]:
+        if self._episode.decision >= self.config.decisions or self._episode.diverged:
             raise RuntimeError("the episode has ended; call reset()")
         episode = self._episode
-        self._apply(action)
+        self._apply(self._checked_action(action))
         self._train(self.config.inner_steps)
-        episode["decision"] += 1
+        episode.decision += 1
         loss = self.evaluate_loss()
         params = self.params_of(self.lora.ranks)
         if math.isfinite(loss):
-            gain = (episode["loss"] - loss) / episode["initial_loss"]
+            gain = (episode.loss - loss) / episode.initial_loss
             reward = gain - self.config.cost_weight * params / self.budget
-            episode["loss"], episode["last_gain"] = loss, gain
+            episode.loss, episode.last_gain = loss, gain
             terminated = False
         else:
             reward = -self.config.divergence_penalty
-            episode["diverged"] = terminated = True
-        truncated = not terminated and episode["decision"] >= self.config.decisions
+            episode.diverged = terminated = True
+        truncated = not terminated and episode.decision >= self.config.decisions
         info = self._info()
         info["loss"] = loss
         return self._observation(), float(reward), terminated, truncated, info
@@ -368,7 +441,7 @@ class RankAllocationEnv(gym.Env):
     @property
     def decisions_made(self) -> int:
         """Decisions taken in the current episode (0 before the first reset)."""
-        return self._episode["decision"] if self._episode is not None else 0
+        return self._episode.decision if self._episode is not None else 0
 
     # ---- masks, observation, info -------------------------------------------------------------------------
     def action_masks(self) -> np.ndarray:
@@ -387,36 +460,30 @@ class RankAllocationEnv(gym.Env):
         episode = self._episode
         modules = self._static_features.copy()
         n = len(self.modules)
-        remaining = np.divide(
-            episode["gradients"], self._base_gradients, out=np.zeros(n), where=self._base_gradients > 0
-        )
-        modules[:n, 0] = normalized(self._probe_gains * remaining)
-        modules[:n, 1] = np.array(list(self.lora.ranks.values())) / self.ladder[-1]
-        ratio = episode["loss"] / episode["initial_loss"] if episode["initial_loss"] > 0 else 0.0
-        global_ = np.array(
-            [
-                min(self.params_of(self.lora.ranks) / self.budget, 1.0),
-                1 - episode["decision"] / self.config.decisions,
-                min(ratio, LOSS_RATIO_MAX),
-                np.clip(episode["last_gain"], -LOSS_RATIO_MAX, 1.0),
-            ],
-            np.float32,
-        )
+        remaining = np.divide(episode.gradients, self._base_gradients, out=np.zeros(n), where=self._base_gradients > 0)
+        modules[:n, obs.IMPORTANCE] = normalized(self._probe_gains * remaining)
+        modules[:n, obs.RANK] = np.array(list(self.lora.ranks.values())) / self.ladder[-1]
+        ratio = episode.loss / episode.initial_loss if episode.initial_loss > 0 else 0.0
+        global_ = np.zeros(obs.GLOBAL_FEATURES, np.float32)
+        global_[obs.BUDGET_USED] = min(self.params_of(self.lora.ranks) / self.budget, 1.0)
+        global_[obs.DECISIONS_LEFT] = 1 - episode.decision / self.config.decisions
+        global_[obs.LOSS_RATIO] = min(ratio, LOSS_RATIO_MAX)
+        global_[obs.LAST_GAIN] = np.clip(episode.last_gain, -LOSS_RATIO_MAX, 1.0)
         return {"modules": modules.reshape(-1), "global": global_}
 
     def _info(self) -> dict[str, Any]:
         ranks = self.lora.ranks
         cost = allocation_cost(self.modules, ranks)
         info = {
-            "loss": self._episode["loss"],
-            "initial_loss": self._episode["initial_loss"],
+            "loss": self._episode.loss,
+            "initial_loss": self._episode.initial_loss,
             "params": cost.params + self.lora.extra_params,
             "budget": self.budget,
             "flops_per_token": cost.flops_per_token,
             "adapter_bytes": cost.adapter_bytes + 4 * self.lora.extra_params,
             "allocation": ranks,
-            "optimizer_steps": self._episode["optimizer_steps"],
-            "diverged": self._episode["diverged"],
+            "optimizer_steps": self._episode.optimizer_steps,
+            "diverged": self._episode.diverged,
         }
         if self.data.oracle_ranks is not None:
             info["oracle_allocation"] = dict(self.data.oracle_ranks)
@@ -428,21 +495,23 @@ class RankAllocationEnv(gym.Env):
         """Everything that determines the rest of the episode: adapters, optimizer, data position, RNGs."""
         if self._episode is None:
             raise RuntimeError("call reset() before get_state()")
-        episode = dict(self._episode)
-        episode["order"] = episode["order"].copy()
-        episode["gradients"] = episode["gradients"].copy()
         return {
-            "episode": episode,
+            "episode": self._episode.copy(),
             "lora": self.lora.snapshot(),
             "np_random": self.np_random.bit_generator.state,
             "generator": self._generator.get_state(),
         }
 
     def set_state(self, state: dict[str, Any]) -> None:
-        episode = dict(state["episode"])
-        episode["order"] = episode["order"].copy()
-        episode["gradients"] = episode["gradients"].copy()
-        self._episode = episode
+        """Return to a state returned by `get_state()` of an env of the same instance."""
+        if not isinstance(state, dict) or set(state) != set(STATE_KEYS) or not isinstance(state["episode"], Episode):
+            what = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(
+                f"state={what} is invalid: expected a dict returned by get_state() (keys {list(STATE_KEYS)})"
+            )
+        if set(state["lora"]["factors"]) != {m.name for m in self.modules}:
+            raise ValueError("state is invalid: it comes from an env with other target modules")
+        self._episode = state["episode"].copy()
         self.lora.restore(state["lora"])
         self.np_random.bit_generator.state = state["np_random"]
         self._generator = torch.Generator(device=self.config.device)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
+import numpy as np
 from torch import nn
 
-from strato_env.config import EnvConfig
+from strato_env.config import EnvConfig, TrainingProtocol
 from strato_env.models import TINY_PRESETS, TargetModule, find_target_modules, load_config, load_model
 from strato_env.tasks.base import TaskData
 from strato_env.tasks.planted import build_planted
@@ -23,6 +24,10 @@ class Instance:
     data: TaskData
     key: str
     """Identifies the instance in caches."""
+    probes: dict[tuple[TrainingProtocol, int], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    """(protocol, probe_steps) -> (||dL/dW|| at the base model, probe gain) per module, measured once."""
+    static_losses: dict[tuple[TrainingProtocol, tuple[int, ...], int], float] = field(default_factory=dict)
+    """(protocol, rank per module, seed) -> final loss of that allocation kept for one episode (oracle, uniform)."""
 
 
 _CACHE: dict[str, Instance] = {}
@@ -48,10 +53,6 @@ def _build(config: EnvConfig) -> Instance:
         model = load_model(config.model, config.model_seed)
     model.to(config.device)
     modules = find_target_modules(model, config.target_modules)
-    if len(modules) > config.max_modules:
-        raise ValueError(
-            f"max_modules={config.max_modules} is too small: {config.model} has {len(modules)} target modules"
-        )
     if task.name == "planted":
         data = build_planted(model, modules, task)
     elif task.name == "causal_lm":

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import re
+import socket
+import urllib.parse
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -110,6 +113,23 @@ def is_causal_lm(config: PretrainedConfig) -> bool:
     return config.model_type not in ENCODER_TYPES
 
 
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be asked right now (offline mode, or its host does not answer within
+    2 s), or None. Checked once, so that an offline machine fails at once instead of after the hub client's
+    retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    from huggingface_hub import constants
+
+    url = urllib.parse.urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=2).close()
+    except OSError as error:
+        return f"{url.hostname}:{port} does not answer ({error})"
+    return None
+
+
 def load_config(name: str) -> PretrainedConfig:
     """The transformers config of a preset, a local directory or a hub id (one clear error offline)."""
     if name in TINY_PRESETS:
@@ -118,13 +138,22 @@ def load_config(name: str) -> PretrainedConfig:
     looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
     if (looks_local or os.path.exists(path)) and not os.path.isdir(path):
         raise ValueError(f"model={name!r}: no such local directory (tiny presets: {list(TINY_PRESETS)})")
+    advice = "Download it where the hub is reachable (`hf download NAME --local-dir DIR`) and pass model=DIR instead."
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True)  # a local folder, or the hub's cache
+    except (OSError, ValueError):
+        pass
+    if (reason := hub_unreachable()) is not None:
+        raise ValueError(
+            f"model={name!r} could not be loaded: it is not a tiny preset {list(TINY_PRESETS)}, a local directory "
+            f"or in the hub's cache, and the Hugging Face hub cannot be reached ({reason}). {advice}"
+        )
     try:
         return AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as error:
         raise ValueError(
             f"model={name!r} could not be loaded: it is not a tiny preset {list(TINY_PRESETS)} nor a local "
-            "directory, and the Hugging Face hub could not provide it (offline, or no such model). Download it "
-            "where the hub is reachable (`hf download NAME --local-dir DIR`) and pass model=DIR instead."
+            f"directory, and the Hugging Face hub could not provide it (no such model, or no access). {advice}"
         ) from error
 
 
@@ -176,6 +205,11 @@ def _module_shape(module: nn.Module) -> tuple[int, int]:
     if isinstance(module, Conv1D):
         return module.nx, module.nf
     return module.in_features, module.out_features
+
+
+def fan_in_fan_out(model: nn.Module, modules: Sequence[TargetModule]) -> bool:
+    """Whether the target modules store weights as (in, out), as GPT-2's Conv1D does (peft's `fan_in_fan_out`)."""
+    return isinstance(model.get_submodule(modules[0].name), Conv1D)
 
 
 def _kind_of(name: str) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from agents.go_explore.cells import Cell
+from strato_env.files import write_atomic
 
 ARCHIVE_FORMAT = "strato-go-explore-archive"
 ARCHIVE_VERSION = 1
@@ -123,8 +123,7 @@ class Archive:
         return best
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the archive as JSON (no snapshots), atomically: a temporary file, then os.replace."""
-        path = Path(path)
+        """Write the archive as JSON (no snapshots), atomically."""
         data = {
             "format": ARCHIVE_FORMAT,
             "version": ARCHIVE_VERSION,
@@ -132,16 +131,7 @@ class Archive:
             "metadata": self.metadata,
             "cells": [entry.to_dict() for entry in self.entries.values()],
         }
-        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(descriptor, "w") as file:
-                json.dump(data, file, indent=1)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        write_atomic(path, json.dumps(data, indent=1))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Archive:

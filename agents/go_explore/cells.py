@@ -7,6 +7,8 @@ from typing import Any, Protocol
 
 import gymnasium as gym
 
+from strato_env.validation import check_int
+
 Cell = tuple[int, ...]
 
 
@@ -14,11 +16,6 @@ class CellFunction(Protocol):
     """Maps the env's current state to a cell; states with the same cell count as equivalent."""
 
     def __call__(self, env: gym.Env) -> Cell: ...
-
-
-def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r} is invalid: expected an integer >= 1")
 
 
 @dataclass(frozen=True)
@@ -34,12 +31,12 @@ class DepthProfileCell:
     """Equal-width bins of relative depth (0 = first layer, 1 = last) over which ladder indices are averaged."""
 
     def __post_init__(self) -> None:
-        _check_positive_int("budget_buckets", self.budget_buckets)
-        _check_positive_int("depth_bins", self.depth_bins)
+        check_int("budget_buckets", self.budget_buckets, 1)
+        check_int("depth_bins", self.depth_bins, 1)
 
     def __call__(self, env: gym.Env) -> Cell:
         base: Any = env.unwrapped
-        ranks = base.lora.ranks
+        ranks = base.ranks
         used = base.params_of(ranks) / base.budget
         bucket = min(int(used * self.budget_buckets), self.budget_buckets)
         totals = [0] * self.depth_bins
@@ -59,5 +56,5 @@ class ExactAllocationCell:
 
     def __call__(self, env: gym.Env) -> Cell:
         base: Any = env.unwrapped
-        ranks = base.lora.ranks
+        ranks = base.ranks
         return (base.decisions_made, *(base.ladder.index(ranks[m.name]) for m in base.modules))

@@ -2,23 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any
 
 from agents.go_explore.cells import DepthProfileCell
-
-
-def _fail(field_name: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"{field_name}={value!r} is invalid: {allowed}")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+from strato_env.validation import check_bool, check_choice, check_int, check_number
 
 
 @dataclass
@@ -49,20 +36,13 @@ class GoExploreConfig:
     """Default cell (DepthProfileCell): depth bins of the rank profile (1: the mean ladder index of all modules)."""
 
     def __post_init__(self) -> None:
-        if not _is_int(self.max_optimizer_steps) or self.max_optimizer_steps < 1:
-            _fail("max_optimizer_steps", self.max_optimizer_steps, "expected an integer >= 1")
-        if self.explore_steps is not None and (not _is_int(self.explore_steps) or self.explore_steps < 1):
-            _fail("explore_steps", self.explore_steps, "expected an integer >= 1, or None (until the episode ends)")
-        if not _is_number(self.keep_probability) or not 0 <= self.keep_probability <= 1:
-            _fail("keep_probability", self.keep_probability, "expected a number in [0, 1]")
-        if not isinstance(self.importance_guided, bool):
-            _fail("importance_guided", self.importance_guided, "expected true or false")
-        if self.moves not in ("modules", "groups"):
-            _fail("moves", self.moves, "expected 'modules' or 'groups'")
-        if not _is_int(self.groups_per_step) or self.groups_per_step < 1:
-            _fail("groups_per_step", self.groups_per_step, "expected an integer >= 1")
-        if not _is_number(self.repeat_probability) or not 0 <= self.repeat_probability <= 1:
-            _fail("repeat_probability", self.repeat_probability, "expected a number in [0, 1]")
-        if not _is_number(self.improvement_bonus) or self.improvement_bonus < 0:
-            _fail("improvement_bonus", self.improvement_bonus, "expected a finite number >= 0")
+        check_int("max_optimizer_steps", self.max_optimizer_steps, 1)
+        if self.explore_steps is not None:
+            check_int("explore_steps", self.explore_steps, 1)
+        check_number("keep_probability", self.keep_probability, 0, 1)
+        check_bool("importance_guided", self.importance_guided)
+        check_choice("moves", self.moves, ("modules", "groups"))
+        check_int("groups_per_step", self.groups_per_step, 1)
+        check_number("repeat_probability", self.repeat_probability, 0, 1)
+        check_number("improvement_bonus", self.improvement_bonus, 0)
         DepthProfileCell(self.budget_buckets, self.depth_bins)  # validates both

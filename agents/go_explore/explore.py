@@ -14,7 +14,8 @@ from agents.go_explore.archive import Archive, CellEntry
 from agents.go_explore.cells import CellFunction, DepthProfileCell
 from agents.go_explore.config import GoExploreConfig
 from agents.result import SearchResult
-from strato_env.env import GROW, KEEP, MODULE_FEATURES, SHRINK
+from strato_env.env import GROW, KEEP, SHRINK
+from strato_env.observation import DEPTH, IMPORTANCE, KINDS, PRESENT, module_table
 
 
 class Policy(Protocol):
@@ -52,19 +53,19 @@ def draw_group_moves(
 ) -> list[Move]:
     """Draw `groups` random group moves: a layer, a module kind or one module, each moved one way.
 
-    `modules` is the observation's (max_modules, MODULE_FEATURES) table; groups are read from its relative
+    `modules` is the observation's module table (`module_table`); groups are read from its relative
     depth and kind columns, so they exist on any model. Guided, a group is drawn from its family with
     probability proportional to its mean importance, and grows with probability equal to that mean (shrinks
     otherwise); unguided, groups and ways are drawn uniformly.
     """
-    present = np.flatnonzero(modules[:, -1] > 0)
-    depth, kind = modules[present, 3], modules[present, 4:-1].argmax(axis=1)
+    present = np.flatnonzero(modules[:, PRESENT] > 0)
+    depth, kind = modules[present, DEPTH], modules[present, KINDS].argmax(axis=1)
     families = [[present[depth == d] for d in np.unique(depth)], [present[kind == k] for k in np.unique(kind)]]
     families.append([np.array([slot]) for slot in present])
     moves = []
     for _ in range(groups):
         family = families[int(rng.integers(len(families)))]
-        importance = np.array([modules[members, 0].mean() for members in family])
+        importance = np.array([modules[members, IMPORTANCE].mean() for members in family])
         weights = importance + 1e-3 if importance_guided else np.ones(len(family))
         chosen = int(rng.choice(len(family), p=weights / weights.sum()))
         grow = float(importance[chosen]) if importance_guided else 0.5
@@ -163,9 +164,9 @@ class GoExplore:
         if self.policy is not None:
             action, _ = self.policy.predict(observation, action_masks=masks, deterministic=False)
             return np.asarray(action, dtype=np.int64).reshape(-1)
-        modules = observation["modules"].reshape(len(masks) // 3, MODULE_FEATURES)
+        modules = module_table(observation["modules"])
         if self.config.moves == "modules":
-            importance = modules[:, 0] if self.config.importance_guided else None
+            importance = modules[:, IMPORTANCE] if self.config.importance_guided else None
             return random_action(masks, rng, self.config.keep_probability, importance)
         if not moves or rng.random() >= self.config.repeat_probability:
             moves[:] = draw_group_moves(modules, rng, self.config.groups_per_step, self.config.importance_guided)

@@ -15,9 +15,7 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from torch import nn
 
-from strato_env.env import GLOBAL_FEATURES, MODULE_FEATURES
-
-PRESENT = MODULE_FEATURES - 1  # index of the present flag in a slot's features
+from strato_env.observation import GLOBAL_FEATURES, MODULE_FEATURES, PRESENT, module_table, slots_of
 
 
 class SlotFeatures(BaseFeaturesExtractor):
@@ -46,7 +44,7 @@ class SlotNetwork(nn.Module):
 
     def _encode(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         global_ = features[:, :GLOBAL_FEATURES]
-        slots = features[:, GLOBAL_FEATURES:].reshape(len(features), -1, MODULE_FEATURES)
+        slots = module_table(features[:, GLOBAL_FEATURES:])
         encoded = self.encoder(slots)
         present = slots[..., PRESENT : PRESENT + 1]
         pooled = (encoded * present).sum(1) / present.sum(1).clamp(min=1.0)
@@ -94,8 +92,7 @@ class SlotPolicyMixin:
 
     def _build_mlp_extractor(self) -> None:
         self.mlp_extractor = SlotNetwork(self.hidden)
-        n_slots = self.observation_space["modules"].shape[0] // MODULE_FEATURES
-        self.mlp_extractor.latent_dim_pi = n_slots * self.hidden
+        self.mlp_extractor.latent_dim_pi = slots_of(self.observation_space) * self.hidden
 
     def _build(self, lr_schedule) -> None:
         super()._build(lr_schedule)

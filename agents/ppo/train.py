@@ -1,9 +1,8 @@
-"""Training PPO-family agents (SB3 PPO, A2C, sb3-contrib MaskablePPO) with the slot-shared policy."""
+"""Training policy learners (SB3 PPO, A2C, sb3-contrib MaskablePPO) with the slot-shared policy."""
 
 from __future__ import annotations
 
 import json
-import math
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -17,21 +16,20 @@ from sb3_contrib import MaskablePPO
 from stable_baselines3 import A2C, PPO
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.vec_env import SubprocVecEnv, VecEnv
 
 from agents.ppo.policy import MaskableSlotPolicy, SlotPolicy
 from strato_env.config import EnvConfig
 from strato_env.env import RankAllocationEnv
-
-ALGORITHMS = ("ppo", "maskable_ppo", "a2c")
+from strato_env.observation import OBSERVATION_VERSION
+from strato_env.validation import check_int, check_number
 
 
 @dataclass
-class PPOConfig:
-    """Hyper-parameters of the PPO-family agents (names as in SB3 and the PPO paper)."""
+class PolicyConfig:
+    """Settings of every policy learner (SB3 PPO, A2C and sb3-contrib MaskablePPO); all of A2C's."""
 
-    algorithm: str = "maskable_ppo"
-    """'ppo' (SB3), 'maskable_ppo' (sb3-contrib, reads the env's action masks) or 'a2c' (SB3)."""
     total_timesteps: int = 768
     """Env steps (rank decisions, over all parallel envs) to train for: 96 default episodes, so that
     `strato train` with no arguments ends within 10 minutes on 2 CPU cores."""
@@ -39,18 +37,12 @@ class PPOConfig:
     """Envs stepped in parallel, one process and one torch thread each (SB3 `SubprocVecEnv`); 1: in process."""
     n_steps: int = 16
     """Env steps per env and rollout before each update (two default episodes)."""
-    batch_size: int = 16
-    """Minibatch size of the PPO update."""
-    n_epochs: int = 10
-    """Passes over each rollout (PPO)."""
     learning_rate: float = 3e-3
     """Adam learning rate of the policy."""
     gamma: float = 0.99
     """Discount factor."""
     gae_lambda: float = 0.95
     """GAE lambda."""
-    clip_range: float = 0.2
-    """PPO clipping coefficient."""
     ent_coef: float = 0.01
     """Entropy bonus."""
     hidden: int = 64
@@ -60,21 +52,39 @@ class PPOConfig:
     grows a rank-0 module with probability 0.73, so its episodes fill the budget and show what rank buys."""
 
     def __post_init__(self) -> None:
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"ppo.algorithm={self.algorithm!r} is invalid: allowed {list(ALGORITHMS)}")
-        for name in ("total_timesteps", "n_envs", "n_steps", "batch_size", "n_epochs", "hidden"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"ppo.{name}={value!r} is invalid: expected an integer >= 1")
-        for name, low, high in (("learning_rate", 0, 1), ("gamma", 0, 1), ("gae_lambda", 0, 1), ("clip_range", 0, 1)):
-            value = getattr(self, name)
-            if not isinstance(value, int | float) or not low < value <= high:
-                raise ValueError(f"ppo.{name}={value!r} is invalid: expected a number in ({low}, {high}]")
-        bias = self.grow_bias
-        if isinstance(bias, bool) or not isinstance(bias, int | float) or not math.isfinite(bias):
-            raise ValueError(f"ppo.grow_bias={self.grow_bias!r} is invalid: expected a finite number")
-        if not isinstance(self.ent_coef, int | float) or self.ent_coef < 0:
-            raise ValueError(f"ppo.ent_coef={self.ent_coef!r} is invalid: expected a number >= 0")
+        for name in ("total_timesteps", "n_envs", "n_steps", "hidden"):
+            check_int(f"ppo.{name}", getattr(self, name), 1)
+        for name in ("learning_rate", "gamma", "gae_lambda"):
+            check_number(f"ppo.{name}", getattr(self, name), 0, 1, low_open=True)
+        check_number("ppo.grow_bias", self.grow_bias)
+        check_number("ppo.ent_coef", self.ent_coef, 0)
+
+    def algorithm_kwargs(self) -> dict[str, Any]:
+        """The SB3 constructor arguments these settings give."""
+        names = ("learning_rate", "n_steps", "gamma", "gae_lambda", "ent_coef")
+        return {name: getattr(self, name) for name in names}
+
+
+@dataclass
+class PPOConfig(PolicyConfig):
+    """Settings of PPO and MaskablePPO: those of every learner plus the clipped, minibatched update's."""
+
+    batch_size: int = 16
+    """Minibatch size of the PPO update."""
+    n_epochs: int = 10
+    """Passes over each rollout."""
+    clip_range: float = 0.2
+    """PPO clipping coefficient."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("ppo.batch_size", self.batch_size, 1)
+        check_int("ppo.n_epochs", self.n_epochs, 1)
+        check_number("ppo.clip_range", self.clip_range, 0, 1, low_open=True)
+
+    def algorithm_kwargs(self) -> dict[str, Any]:
+        ppo_only = {"batch_size": self.batch_size, "n_epochs": self.n_epochs, "clip_range": self.clip_range}
+        return super().algorithm_kwargs() | ppo_only
 
 
 class RoundRobinEnv(gym.Env):
@@ -170,41 +180,49 @@ class EpisodeLog(BaseCallback):
         return True
 
 
+ALGORITHMS: dict[str, tuple[type[BaseAlgorithm], type[ActorCriticPolicy]]] = {
+    "ppo": (PPO, SlotPolicy),
+    "maskable_ppo": (MaskablePPO, MaskableSlotPolicy),
+    "a2c": (A2C, SlotPolicy),
+}
+"""Learner name -> (SB3 algorithm class, slot policy class)."""
+
+
 def build_algorithm(
-    config: PPOConfig, env: gym.Env | VecEnv, seed: int, tensorboard_log: str | None = None
+    algorithm: str, config: PolicyConfig, env: gym.Env | VecEnv, seed: int, tensorboard_log: str | None = None
 ) -> BaseAlgorithm:
-    """The SB3 / sb3-contrib algorithm with the slot policy, learning on `env` (a gym env is wrapped in
-    `RunEndIsTerminal`; the workers of `parallel_env` wrap their own)."""
-    common = {
-        "learning_rate": config.learning_rate,
-        "n_steps": config.n_steps,
-        "gamma": config.gamma,
-        "gae_lambda": config.gae_lambda,
-        "ent_coef": config.ent_coef,
-        "seed": seed,
-        "verbose": 0,
-        "tensorboard_log": tensorboard_log,
-        "device": "cpu",
-        "policy_kwargs": {"hidden": config.hidden, "grow_bias": config.grow_bias},
-    }
+    """The SB3 / sb3-contrib `algorithm` with the slot policy, learning on `env` (a gym env is wrapped in
+    `RunEndIsTerminal`; the workers of `parallel_env` wrap their own). `config` is a PPOConfig for PPO and
+    MaskablePPO and a PolicyConfig for A2C."""
+    cls, policy = ALGORITHMS[algorithm]
+    expected = PolicyConfig if cls is A2C else PPOConfig
+    if type(config) is not expected:
+        raise ValueError(f"{algorithm} takes a {expected.__name__}, not a {type(config).__name__}")
     if not isinstance(env, VecEnv):
         env = RunEndIsTerminal(env)
-    if config.algorithm == "a2c":
-        return A2C(SlotPolicy, env, **common)
-    ppo_only = {"batch_size": config.batch_size, "n_epochs": config.n_epochs, "clip_range": config.clip_range}
-    policy = MaskableSlotPolicy if config.algorithm == "maskable_ppo" else SlotPolicy
-    return ALGORITHM_CLASSES[config.algorithm](policy, env, **common, **ppo_only)
+    return cls(
+        policy,
+        env,
+        **config.algorithm_kwargs(),
+        seed=seed,
+        verbose=0,
+        tensorboard_log=tensorboard_log,
+        device="cpu",
+        policy_kwargs={"hidden": config.hidden, "grow_bias": config.grow_bias},
+    )
 
 
-ALGORITHM_CLASSES: dict[str, type[BaseAlgorithm]] = {"ppo": PPO, "maskable_ppo": MaskablePPO, "a2c": A2C}
+def algorithm_name(model: BaseAlgorithm) -> str:
+    return next(name for name, (cls, _) in ALGORITHMS.items() if type(model) is cls)
 
 
 def save_policy(model: BaseAlgorithm, path: str) -> None:
-    """SB3's `.zip`, plus a small `strato.json` entry naming the algorithm so `load_policy` needs no hint."""
-    name = next(key for key, cls in ALGORITHM_CLASSES.items() if type(model) is cls)
+    """SB3's `.zip`, plus a small `strato.json` entry naming the algorithm and the observation layout's version,
+    so that `load_policy` needs no hint and refuses a policy trained on another layout."""
     model.save(path)
     with zipfile.ZipFile(path, "a") as archive:
-        archive.writestr("strato.json", json.dumps({"algorithm": name}))
+        meta = {"algorithm": algorithm_name(model), "observation_version": OBSERVATION_VERSION}
+        archive.writestr("strato.json", json.dumps(meta))
 
 
 def load_policy(path: str, env: gym.Env | None = None) -> BaseAlgorithm:
@@ -212,5 +230,11 @@ def load_policy(path: str, env: gym.Env | None = None) -> BaseAlgorithm:
     with zipfile.ZipFile(path) as archive:
         if "strato.json" not in archive.namelist():
             raise ValueError(f"{path} was not written by strato (no strato.json entry naming its algorithm)")
-        name = json.loads(archive.read("strato.json"))["algorithm"]
-    return ALGORITHM_CLASSES[name].load(path, env=env, device="cpu")
+        meta = json.loads(archive.read("strato.json"))
+    version = meta.get("observation_version", 0)
+    if version != OBSERVATION_VERSION:
+        raise ValueError(
+            f"{path} was trained on observation layout v{version}; this strato_env writes v{OBSERVATION_VERSION}, "
+            "which the policy would misread. Retrain it with this version."
+        )
+    return ALGORITHMS[meta["algorithm"]][0].load(path, env=env, device="cpu")

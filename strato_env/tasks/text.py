@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from strato_env.config import TaskConfig
+from strato_env.models import hub_unreachable
 from strato_env.tasks.base import TaskData, causal_lm_loss, classification_loss
 
 Tokenize = Callable[[str], list[int]]
@@ -32,6 +33,24 @@ def load_tokenizer(model_name: str, is_preset: bool) -> Tokenize:
     return lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def _check_text_file(field: str, path: str) -> None:
+    """A local data file must hold UTF-8 text with something in it."""
+    with open(path, "rb") as file:
+        head = file.read(1 << 16)
+    if not head.strip():
+        raise ValueError(f"{field}={path!r} is invalid: the file is empty; expected UTF-8 text")
+    try:
+        if b"\0" in head:
+            raise UnicodeDecodeError("utf-8", head, head.index(b"\0"), head.index(b"\0") + 1, "NUL byte")
+        head.decode("utf-8")
+    except UnicodeDecodeError as error:
+        if error.start < len(head) - 4:  # not merely a character cut at the end of the sample
+            raise ValueError(
+                f"{field}={path!r} is invalid: it is not UTF-8 text (binary data at byte {error.start}); "
+                "expected a text file (causal_lm) or a CSV file (classification)"
+            ) from None
+
+
 def load_rows(config: TaskConfig, split: str = "train"):
     """A `datasets.Dataset` from a local file/folder or a hub id; one clear error when it cannot be read."""
     import datasets
@@ -43,18 +62,26 @@ def load_rows(config: TaskConfig, split: str = "train"):
         files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(suffix))
         if not files:
             raise ValueError(f"task.data={config.data!r}: the folder holds no {suffix} file")
+        for file in files:
+            _check_text_file("task.data", file)
         return datasets.load_dataset(builder, data_files=files, split="train")
     if os.path.isfile(path):
+        _check_text_file("task.data", path)
         return datasets.load_dataset(builder, data_files=path, split="train")
     if config.data.startswith((".", "/", "~")) or config.data.count("/") > 1 or os.path.splitext(path)[1]:
         raise ValueError(f"task.data={config.data!r}: no such local file or folder")
+    advice = "Pass a local text file or folder (causal_lm) or CSV file (classification) instead."
+    if (reason := hub_unreachable()) is not None:
+        raise ValueError(
+            f"task.data={config.data!r} could not be loaded: it is not a local file or folder and the Hugging Face "
+            f"hub cannot be reached ({reason}). {advice}"
+        )
     try:
         return datasets.load_dataset(config.data, config.dataset_config, split=split)
     except (ConnectionError, OSError, ValueError) as error:
         raise ValueError(
             f"task.data={config.data!r} could not be loaded: it is not a local file or folder and the Hugging "
-            "Face hub could not provide it (offline, or no such dataset). Pass a local text file or folder "
-            "(causal_lm) or CSV file (classification) instead."
+            f"Face hub could not provide it (no such dataset, or no access). {advice}"
         ) from error
 
 
@@ -72,6 +99,8 @@ def build_causal_lm(config: TaskConfig, tokenize: Tokenize) -> TaskData:
     for text in rows["text"]:
         if text.strip():
             tokens += tokenize(text + "\n")
+    if not tokens:
+        raise ValueError(f"task.data={config.data!r} is invalid: it holds no text; expected non-empty UTF-8 text")
     n_blocks = len(tokens) // config.seq_len
     blocks = torch.tensor(tokens[: n_blocks * config.seq_len]).view(n_blocks, config.seq_len)
     chosen = blocks[_choose(n_blocks, config.train_examples + config.eval_examples, config.data_seed, "blocks")]
@@ -87,7 +116,23 @@ def classification_rows(config: TaskConfig):
                 f"task.{'text' if column == config.text_column else 'label'}_column={column!r} is not "
                 f"a column of task.data; columns: {rows.column_names}"
             )
+    for row, label in enumerate(rows[config.label_column]):
+        if not _is_integer_label(label):
+            raise ValueError(
+                f"task.label_column={config.label_column!r} is invalid: row {row} holds the label {label!r}; "
+                "expected integer class labels 0, 1, 2, ..."
+            )
     return rows
+
+
+def _is_integer_label(label: object) -> bool:
+    if isinstance(label, bool):
+        return False
+    if isinstance(label, int | np.integer):
+        return label >= 0
+    if isinstance(label, float | np.floating):
+        return float(label).is_integer() and label >= 0
+    return isinstance(label, str) and label.strip().isdigit()
 
 
 def build_classification(config: TaskConfig, rows, tokenize: Tokenize, pad_id: int) -> TaskData:

@@ -1,0 +1,167 @@
+"""The cells of a benchmark grid and what one cell (or one policy training) does.
+
+Protocol, the same for every method:
+
+- Budget: each cell's env has the instance's parameter budget (times the cell's budget scale).
+- Search cost: the optimizer steps the method ran to find its allocation, at most `search_steps`. For methods
+  that train inside the env this is measured by the env (`total_optimizer_steps`; returning to a state costs
+  none); a method that trains its own model (AdaLoRA) reports its steps. Methods that read the env's
+  importance feature are charged the instance's importance probe as well. A learned policy is trained on the
+  train instances and applied once to the held-out instance: its cost is both together.
+- Final quality: the allocation trained statically for one episode from the cell's seed (the same optimizer
+  steps for every method), so a method is judged by what it found, not by how its own search went.
+- References: uniform LoRA on every instance, the planted oracle on planted instances; gap closed =
+  (L_uniform - L) / (L_uniform - L_oracle) at the same instance, seed and budget.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agents.bench.config import BenchConfig
+from agents.evaluation import run_policy_episode
+from agents.methods import METHODS
+from agents.ppo.train import build_algorithm, load_policy, round_robin, save_policy
+from strato_env.config import from_dict
+from strato_env.env import RankAllocationEnv
+from strato_env.files import write_atomic
+
+
+@dataclass(frozen=True)
+class Cell:
+    method: str
+    instance: int
+    """Index into `test_instances`."""
+    seed: int
+    scale: float
+
+    @property
+    def key(self) -> str:
+        return f"{self.method}-i{self.instance}-s{self.seed}-x{self.scale:g}"
+
+    @property
+    def policy_key(self) -> str:
+        return f"{self.method}-s{self.seed}"
+
+
+def grid(config: BenchConfig) -> list[Cell]:
+    """Every cell: each method (and reference) x held-out instance x seed x budget scale."""
+    cells = []
+    for index, instance in enumerate(config.test_instances):
+        methods = config.compared(planted=config.env_config(instance).task.name == "planted")
+        cells += [Cell(m.name, index, s, float(x)) for m in methods for s in config.seeds for x in config.budget_scales]
+    return cells
+
+
+def probe_steps(config: BenchConfig, instance: dict[str, Any]) -> int:
+    """Optimizer steps of the instance's importance probe (see RankAllocationEnv.probe_optimizer_steps)."""
+    from strato_env.instance import get_instance
+
+    env_config = config.env_config(instance)
+    return env_config.probe_steps * len(get_instance(env_config).modules)
+
+
+def policy_timesteps(config: BenchConfig, n_steps: int) -> int:
+    """Env steps of policy training: whole rollouts of `n_steps` within `search_steps`, less the importance
+    probes of the train instances and of the costliest held-out instance, and less the held-out episode."""
+    inner_steps = config.env_config({}).inner_steps
+    probes = sum(probe_steps(config, i) for i in config.train_instances)
+    probes += max(probe_steps(config, i) for i in config.test_instances)
+    decisions = (config.search_steps - config.episode_steps - probes) // inner_steps
+    timesteps = decisions // n_steps * n_steps
+    if timesteps < 1:
+        raise ValueError(
+            f"search_steps={config.search_steps} leaves {decisions} training decisions after the importance probes "
+            f"({probes} steps) and the held-out episode, fewer than one rollout (n_steps={n_steps}); "
+            "allowed: raise search_steps or lower n_steps"
+        )
+    return timesteps
+
+
+def train_policy(config: BenchConfig, method: str, seed: int) -> dict[str, Any]:
+    """Train learned method `method` on the train instances within the step cap; the policy's bytes and cost."""
+    options = config.method_options(method)
+    timesteps = policy_timesteps(config, options.n_steps)
+    # in process, where the envs count the optimizer steps; the grid itself runs cells in parallel
+    settings = from_dict(type(options), vars(options) | {"total_timesteps": timesteps, "n_envs": 1})
+    envs = [config.make_env(instance) for instance in config.train_instances]
+    before = sum(env.total_optimizer_steps for env in envs)
+    model = build_algorithm(method, settings, round_robin(envs), seed)
+    model.learn(timesteps)
+    with tempfile.TemporaryDirectory() as folder:
+        save_policy(model, f"{folder}/policy.zip")
+        policy = Path(f"{folder}/policy.zip").read_bytes()
+    steps = sum(env.total_optimizer_steps - before + env.probe_optimizer_steps for env in envs)
+    return {"optimizer_steps": steps, "policy": policy}
+
+
+def _search(
+    config: BenchConfig, cell: Cell, env: RankAllocationEnv, policy: dict[str, Any] | None
+) -> tuple[dict[str, int], int, list[tuple[int, float]]]:
+    """(allocation, optimizer steps spent, best-so-far history) of `cell.method` on `env`."""
+    method = METHODS[cell.method]
+    options = config.method_options(cell.method)
+    before, probe = env.total_optimizer_steps, env.probe_optimizer_steps
+    if method.learned:
+        with tempfile.TemporaryDirectory() as folder:
+            write_atomic(Path(folder) / "policy.zip", policy["policy"])
+            agent = load_policy(f"{folder}/policy.zip")
+        episode = run_policy_episode(agent, env, seed=cell.seed)
+        steps = policy["optimizer_steps"] + probe + env.total_optimizer_steps - before
+        return episode["allocation"], steps, [(steps, episode["loss"])]
+    if method.reference:
+        return method.search(env, cell.seed, None, options).allocation, 0, []
+    probe = probe if method.reads_importance(options) else 0
+    cap = config.search_steps - probe
+    if cap < (env.config.inner_steps if cell.method == "go_explore" else 0):
+        raise ValueError(
+            f"search_steps={config.search_steps} leaves {cap} optimizer steps to {cell.method} after the importance "
+            f"probe ({probe} steps); allowed: raise search_steps"
+        )
+    result = method.search(env, cell.seed, cap, options)
+    steps = result.optimizer_steps if method.own_model else env.total_optimizer_steps - before
+    return result.allocation, steps + probe, [(s + probe, loss) for s, loss in result.history]
+
+
+def run_cell(config: BenchConfig, cell: Cell, policy: dict[str, Any] | None) -> dict[str, Any]:
+    """Search (or act) on the cell's instance, then train the allocation found for one episode from its seed."""
+    start = time.perf_counter()
+    env = config.make_env(config.test_instances[cell.instance], cell.scale)
+    allocation, steps, history = _search(config, cell, env, policy)
+    wall = time.perf_counter() - start + (policy["wall_s"] if policy else 0.0)
+    before = env.total_optimizer_steps
+    final_loss = env.evaluate_allocation(allocation, seed=cell.seed)
+    if not history:  # a method without its own evaluations: its final quality is its only point
+        history = [(steps, final_loss)]
+    return {
+        "final_loss": final_loss,
+        "params": env.params_of(allocation),
+        "budget": env.budget,
+        "optimizer_steps": steps,
+        "final_steps": env.total_optimizer_steps - before,
+        "wall_s": wall,
+        "allocation": {name: int(rank) for name, rank in allocation.items()},
+        "history": [[int(s), float(loss)] for s, loss in history],
+    }
+
+
+def run_task(task: dict[str, Any]) -> dict[str, Any]:
+    """Run one task (a policy training or a cell) in any process; never raises: errors come back recorded."""
+    if task.get("threads"):
+        import torch
+
+        torch.set_num_threads(task["threads"])
+    start = time.perf_counter()
+    try:
+        config = from_dict(BenchConfig, task["config"])
+        if task["kind"] == "policy":
+            result = train_policy(config, task["method"], task["seed"])
+        else:
+            result = run_cell(config, Cell(**task["cell"]), task.get("policy"))
+    except Exception as error:  # recorded; the grid goes on
+        return {"status": "error", "error": f"{type(error).__name__}: {error}", "wall_s": time.perf_counter() - start}
+    return {"status": "ok", "wall_s": time.perf_counter() - start} | result

@@ -1,0 +1,41 @@
+"""The observation's layout, by name. The env writes these columns and every consumer reads them from here.
+
+`observation["modules"]` is flat (as SB3 prefers); `module_table` gives one row per module slot, with the
+columns of `MODULE_COLUMNS`. `observation["global"]` has the columns of `GLOBAL_COLUMNS`. A change of layout is
+a new `OBSERVATION_VERSION`; saved policies record the version they were trained on.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from strato_env.models import MODULE_KINDS
+
+OBSERVATION_VERSION = 0
+
+MODULE_COLUMNS = ("importance", "rank", "params_per_rank", "depth", *(f"kind_{k}" for k in MODULE_KINDS), "present")
+"""Per module slot: importance in [0, 1]; rank / r_max; parameters per unit of rank / B; relative depth; the
+kind one-hot; the present flag (0 for padding slots, whose features are all 0)."""
+IMPORTANCE, RANK, PARAMS_PER_RANK, DEPTH = range(4)
+KINDS = slice(4, 4 + len(MODULE_KINDS))
+"""The kind one-hot columns, in the order of `strato_env.models.MODULE_KINDS`."""
+PRESENT = len(MODULE_COLUMNS) - 1
+MODULE_FEATURES = len(MODULE_COLUMNS)
+
+GLOBAL_COLUMNS = ("budget_used", "decisions_left", "loss_ratio", "last_gain")
+"""P_t / B; decisions left / decisions; L_t / L_0 (clipped); last loss gain (L_{t-1} - L_t) / L_0 (clipped)."""
+BUDGET_USED, DECISIONS_LEFT, LOSS_RATIO, LAST_GAIN = range(4)
+GLOBAL_FEATURES = len(GLOBAL_COLUMNS)
+
+Array = TypeVar("Array")
+
+
+def module_table(modules: Array) -> Array:
+    """`modules` (a flat observation["modules"], or a batch of them: numpy or torch) as (..., slots, features)."""
+    flat: Any = modules
+    return flat.reshape(*flat.shape[:-1], -1, MODULE_FEATURES)
+
+
+def slots_of(observation_space: Any) -> int:
+    """Module slots (the env's `max_modules`) of an observation space, e.g. a saved policy's."""
+    return observation_space["modules"].shape[0] // MODULE_FEATURES
