@@ -7,12 +7,14 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from agents.baselines import BASELINES, AdaLoraResult, adalora, greedy, random_search, tpe, uniform
-from strato_env.env import MODULE_FEATURES, RankAllocationEnv
+from agents.baselines import AdaLoraResult, adalora, greedy, random_search, tpe, uniform
+from strato_env.env import RankAllocationEnv
+from strato_env.observation import IMPORTANCE, module_table
 from tests.conftest import SMALL
 
 EPISODE = SMALL["decisions"] * SMALL["inner_steps"]
 SEARCHES = {"random": random_search, "tpe": tpe}
+BASELINES = {"uniform": uniform, "greedy": greedy, "adalora": adalora, **SEARCHES}
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +47,6 @@ def assert_maximal(env: RankAllocationEnv, allocation: dict[str, int]) -> None:
         i = env.ladder.index(allocation[m.name])
         if i + 1 < len(env.ladder):
             assert env.params_of({**allocation, m.name: env.ladder[i + 1]}) > env.budget, m.name
-
-
-def test_registry_names_every_baseline() -> None:
-    assert set(BASELINES) == {"uniform", "random", "greedy", "adalora", "tpe"}
 
 
 def test_uniform_is_the_largest_rank_that_fits(env: RankAllocationEnv, counted: list) -> None:
@@ -123,7 +121,7 @@ def test_greedy_fills_the_budget_by_importance(env: RankAllocationEnv, counted: 
     assert_maximal(env, result.allocation)
     assert result.optimizer_steps == 0 and not counted
     observation, _ = env.reset(seed=0)
-    importance = observation["modules"].reshape(env.config.max_modules, MODULE_FEATURES)[: len(env.modules), 0]
+    importance = module_table(observation["modules"])[: len(env.modules), IMPORTANCE]
     top = env.modules[int(np.argmax(importance))].name
     assert result.allocation[top] == env.ladder[-1]  # the most important module is grown first, to the top
 
@@ -166,10 +164,10 @@ def test_adalora_reads_back_its_rank_masks(env: RankAllocationEnv) -> None:
 def test_bad_options_raise_before_training(
     env: RankAllocationEnv, counted: list, monkeypatch: pytest.MonkeyPatch, method: str, kwargs: dict, named: str
 ) -> None:
-    def no_training(instance: object) -> None:
+    def no_training() -> None:
         raise AssertionError("AdaLoRA started training before validating its options")
 
-    monkeypatch.setattr("agents.baselines.fresh_model", no_training)
+    monkeypatch.setattr(env, "fresh_base_model", no_training)
     with pytest.raises(ValueError, match=named):
         BASELINES[method](env, **kwargs)
     assert not counted

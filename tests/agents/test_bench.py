@@ -11,8 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agents.bench import METHODS, BenchConfig, _probe_steps, grid, load_bench_config, run_bench
-from agents.bench_report import instance_labels, mean_ci
+from agents.bench import BenchConfig, load_bench_config, run_bench
+from agents.bench.cells import grid, probe_steps
+from agents.bench.report import instance_labels
+from agents.evaluation import mean_ci
+from agents.methods import METHODS
 from agents.runs import UNFINISHED, is_complete
 from strato_env.config import from_dict
 
@@ -20,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PLANTED = str(ROOT / "configs" / "bench_planted.yaml")
 TINY = {
     "env": {"decisions": 2, "inner_steps": 5, "probe_steps": 1, "task": {"train_examples": 64, "eval_examples": 16}},
+    "train_instances": [{}],
     "test_instances": [{"model": "bert-tiny"}],
     "seeds": [0],
     "search_steps": 40,
@@ -71,9 +75,9 @@ def test_quick_bench_spends_equal_cost(quick_run):
     assert {int(r["final_steps"]) for r in rows} == {config.episode_steps}  # measured by the env
     assert all(0 <= int(r["optimizer_steps"]) <= config.search_steps for r in rows)
     spent = {(r["method"], r["instance"]): int(r["optimizer_steps"]) for r in rows}
-    train_probe = _probe_steps(config, config.train_instances[0])
+    train_probe = probe_steps(config, config.train_instances[0])
     for index, label in enumerate(instance_labels(config)):
-        probe = _probe_steps(config, config.test_instances[index])  # importance readers pay the probe
+        probe = probe_steps(config, config.test_instances[index])  # importance readers pay the probe
         assert spent["uniform", label] == spent["oracle", label] == 0
         assert spent["greedy", label] == probe
         for method in ("random", "tpe", "go_explore"):
@@ -85,10 +89,10 @@ def test_quick_bench_spends_equal_cost(quick_run):
 
 
 def test_cells_reproduce_across_process_pool_and_ray(tmp_path):
+    ray = pytest.importorskip("ray")  # before any work: without Ray the comparison cannot be made
     methods = ["random", "greedy"]
     serial = _results(run_bench(_tiny(tmp_path, "serial", methods=methods)))
     pooled = _results(run_bench(_tiny(tmp_path, "pool", methods=methods), workers=2))
-    ray = pytest.importorskip("ray")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         distributed = _results(run_bench(_tiny(tmp_path, "ray", methods=methods), workers=2, backend="ray"))
@@ -101,12 +105,13 @@ def test_cells_reproduce_across_process_pool_and_ray(tmp_path):
 
 
 def test_failing_cell_is_recorded_and_the_grid_goes_on(tmp_path):
-    config = _tiny(tmp_path, "failing", methods=["random", "greedy"], options={"random": {"max_proposal": 3}})
+    # greedy's probe_decisions can only be checked against the instance's episode length, inside the cell
+    config = _tiny(tmp_path, "failing", methods=["random", "greedy"], options={"greedy": {"probe_decisions": 3}})
     path = run_bench(config)
     rows = {r["method"]: r for r in _results(path)}
-    assert rows["random"]["status"] == "error"
-    assert "max_proposal" in rows["random"]["error"] and math.isnan(float(rows["random"]["final_loss"]))
-    assert rows["greedy"]["status"] == rows["uniform"]["status"] == rows["oracle"]["status"] == "ok"
+    assert rows["greedy"]["status"] == "error"
+    assert "probe_decisions=3" in rows["greedy"]["error"] and math.isnan(float(rows["greedy"]["final_loss"]))
+    assert rows["random"]["status"] == rows["uniform"]["status"] == rows["oracle"]["status"] == "ok"
     assert is_complete(path)
     assert "## Failed cells" in (path / "summary.md").read_text()
 
@@ -161,15 +166,19 @@ def test_another_config_under_the_same_name_is_refused(tmp_path):
 @pytest.mark.parametrize(
     "values, message",
     [
-        ({"methods": ["ppo", "sac"]}, "methods: 'sac' is not a method"),
+        ({"methods": ["ppo", "sac"]}, r"methods='sac' is invalid: allowed: \['uniform', 'oracle', 'random'"),
         ({"test_instances": [{"decisions": 4}]}, r"test_instances\[0\].decisions: set it in env"),
-        ({"search_steps": 5}, "search_steps=5 is invalid: expected an integer >= one episode"),
+        ({"search_steps": 5}, r"search_steps=5 is invalid: expected >= one episode \(10 optimizer steps"),
         ({"budget_scales": [0.5]}, "budget_scales=.* holds 1.0"),
         ({"seeds": [0, 0]}, "seeds=.* a seed is repeated"),
         ({"options": {"dqn": {}}}, "options.dqn: not a method"),
+        ({"options": {"tpe": {"n_startup_trial": 2}}}, "unknown key options.tpe.n_startup_trial; allowed keys"),
+        ({"options": {"a2c": {"clip_range": 0.1}}}, "unknown key options.a2c.clip_range"),
+        ({"options": {"go_explore": {"moves": "layers"}}}, "moves='layers' is invalid"),
+        ({"options": {"ppo": {"total_timesteps": 64}}}, "options.ppo.total_timesteps: set by the benchmark"),
         ({"test_instances": [{"learning_rate": -1}]}, r"test_instances\[0\]: learning_rate=-1"),
         ({"quick": {"seeds": []}}, "quick: seeds=.* non-empty"),
-        ({"workers": 2}, "unknown key 'workers'"),
+        ({"workers": 2}, "unknown key workers"),
     ],
 )
 def test_bad_bench_config_names_the_key(values, message):
@@ -180,8 +189,8 @@ def test_bad_bench_config_names_the_key(values, message):
 def test_cli_rejects_bad_workers_before_any_work(tmp_path, capsys):
     from agents.cli import main
 
-    assert main(["bench", "--workers", "0", f"runs_dir={tmp_path}"]) == 2  # an override may follow an option
-    assert "--workers 0 is invalid" in capsys.readouterr().err
+    assert main(["bench", PLANTED, "--workers", "0", f"runs_dir={tmp_path}"]) == 2  # an override may follow
+    assert "workers=0 is invalid: expected an integer >= 1" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # refused before any folder or work
 
 
@@ -192,7 +201,7 @@ def test_mean_ci_matches_student_t():
 
 
 def test_text_summary_finds_the_parameters_that_match_uniform():
-    from agents.bench_report import _parameters_to_match
+    from agents.bench.report import _parameters_to_match
 
     def row(method, scale, loss, params):
         return {

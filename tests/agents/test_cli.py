@@ -1,4 +1,9 @@
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +23,7 @@ TINY_RUN = [
     "ppo.n_steps=4",
     "ppo.batch_size=4",
     "ppo.n_epochs=1",
+    "ppo.n_envs=1",
 ]
 RUN_FILES = {
     "config.yaml",
@@ -94,8 +100,8 @@ def test_go_explore_run_writes_its_archive(tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["ppo.n_step=4"], "unknown key ppo.'n_step'"),
-        (["env.budgett=10"], "unknown key 'budgett'"),
+        (["ppo.n_step=4"], "unknown key ppo.n_step"),
+        (["env.budgett=10"], "unknown key budgett"),
         (["agent=dqn"], "agent='dqn' is invalid"),
         (["env.inner_steps=0"], "inner_steps=0 is invalid"),
         (["train_instances=[{model: gpt2-tiny, task: {profile: diagonal}}]"], "task.profile='diagonal'"),
@@ -110,18 +116,39 @@ def test_bad_config_is_rejected_naming_the_key(overrides, message, tmp_path, cap
     assert not any(tmp_path.iterdir())  # rejected before any work: no run folder
 
 
-def test_yaml_config_file_and_interrupted_runs(tmp_path):
+def test_yaml_config_file_with_an_unknown_key(tmp_path):
     config = tmp_path / "exp.yaml"
     config.write_text("agent: go_explore\nenv: {decisions: 2, inner_steps: 1}\nbogus: 1\n")
-    with pytest.raises(ValueError, match="unknown key 'bogus'"):
+    with pytest.raises(ValueError, match="unknown key bogus"):
         load_train_config(str(config))
-    # an interrupted run keeps its UNFINISHED marker
-    from agents.runs import RunFolder
 
-    run = RunFolder(tmp_path / "runs", "x")
-    run.write_json("allocation.json", {})
-    run.mark_interrupted("KeyboardInterrupt")
-    assert not is_complete(run.path) and (run.path / UNFINISHED).read_text().startswith("interrupted")
+
+def test_a_run_interrupted_mid_training_stays_marked_unfinished_with_the_reason(tmp_path):
+    """Ctrl-C (SIGINT) during a real `strato train`: the folder keeps UNFINISHED, saying why, and no report."""
+    run = tmp_path / "interrupted"
+    overrides = [
+        "env.decisions=2",
+        "env.inner_steps=1",
+        "env.probe_steps=1",
+        "ppo.n_envs=1",
+        "ppo.total_timesteps=4000",
+    ]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "agents.cli", "train", *overrides, f"runs_dir={tmp_path}", "name=interrupted"],
+        env=os.environ | {"OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((run / "tensorboard").glob("*/events.*")):  # training has started
+        time.sleep(0.05)
+    time.sleep(1.0)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode != 0 and b"KeyboardInterrupt" in stderr
+    marker = (run / UNFINISHED).read_text()
+    assert marker.startswith("interrupted after") and "KeyboardInterrupt" in marker
+    assert not is_complete(run) and not (run / "report.md").exists() and not (run / "policy.zip").exists()
 
 
 def test_inspect_lists_modules(capsys):

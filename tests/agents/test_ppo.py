@@ -7,6 +7,7 @@ from stable_baselines3.common.env_checker import check_env
 from agents.evaluation import run_policy_episode
 from agents.ppo.policy import SlotActionHead
 from agents.ppo.train import (
+    PolicyConfig,
     PPOConfig,
     RoundRobinEnv,
     RunEndIsTerminal,
@@ -15,7 +16,8 @@ from agents.ppo.train import (
     parallel_env,
     save_policy,
 )
-from strato_env.env import GROW, MODULE_FEATURES, SHRINK, RankAllocationEnv
+from strato_env.env import GROW, SHRINK, RankAllocationEnv
+from strato_env.observation import PRESENT, module_table
 
 TINY = {"decisions": 3, "inner_steps": 1, "probe_steps": 2, "task": {"eval_examples": 16}}
 TINY_PPO = {"n_steps": 30, "batch_size": 15, "n_epochs": 2}
@@ -28,8 +30,8 @@ def gpt2_env():
 
 @pytest.mark.parametrize("algorithm", ["ppo", "maskable_ppo", "a2c"])
 def test_training_updates_the_slot_head_and_round_trips(algorithm, gpt2_env, tmp_path):
-    config = PPOConfig(algorithm=algorithm, **(TINY_PPO if algorithm != "a2c" else {"n_steps": 5}))
-    model = build_algorithm(config, gpt2_env, seed=0)
+    config = PPOConfig(**TINY_PPO) if algorithm != "a2c" else PolicyConfig(n_steps=5)
+    model = build_algorithm(algorithm, config, gpt2_env, seed=0)
     assert isinstance(model.policy.action_net, SlotActionHead)
     head_before = [p.detach().clone() for p in model.policy.action_net.parameters()]
     model.learn(210 if algorithm != "a2c" else 60)
@@ -50,7 +52,7 @@ def test_training_updates_the_slot_head_and_round_trips(algorithm, gpt2_env, tmp
 
 
 def test_maskable_policy_never_takes_a_masked_move(gpt2_env):
-    model = build_algorithm(PPOConfig(**TINY_PPO), gpt2_env, seed=1)
+    model = build_algorithm("maskable_ppo", PPOConfig(**TINY_PPO), gpt2_env, seed=1)
     for seed in range(3):
         observation, _ = gpt2_env.reset(seed=seed)
         for _ in range(TINY["decisions"]):
@@ -61,7 +63,7 @@ def test_maskable_policy_never_takes_a_masked_move(gpt2_env):
 
 
 def test_a_gpt2_policy_runs_unchanged_on_llama_and_bert(gpt2_env):
-    model = build_algorithm(PPOConfig(**TINY_PPO), gpt2_env, seed=0)
+    model = build_algorithm("maskable_ppo", PPOConfig(**TINY_PPO), gpt2_env, seed=0)
     model.learn(30)
     for name, modules in (("llama-tiny", 28), ("bert-tiny", 24)):
         env = RankAllocationEnv(model=name, **TINY)
@@ -90,13 +92,13 @@ def test_parallel_envs_start_on_different_instances_and_train(gpt2_env):
     vec = parallel_env(configs, n_envs=2)
     try:
         observation = vec.reset()
-        present = observation["modules"].reshape(2, -1, MODULE_FEATURES)[:, :, -1].sum(axis=1)
+        present = module_table(observation["modules"])[:, :, PRESENT].sum(axis=1)
         assert present.tolist() == [16, 28]  # worker i starts at instance i
         for _ in range(TINY["decisions"]):
             _, _, dones, infos = vec.step(np.ones((2, gpt2_env.config.max_modules), dtype=np.int64))
         # the workers report the run's end as terminal (RunEndIsTerminal), so SB3 bootstraps nothing
         assert dones.all() and not any(info["TimeLimit.truncated"] for info in infos)
-        model = build_algorithm(PPOConfig(n_steps=3, batch_size=6, n_epochs=1), vec, seed=0)
+        model = build_algorithm("maskable_ppo", PPOConfig(n_steps=3, batch_size=6, n_epochs=1), vec, seed=0)
         model.learn(6)
         assert model.num_timesteps == 6
     finally:
@@ -104,8 +106,8 @@ def test_parallel_envs_start_on_different_instances_and_train(gpt2_env):
 
 
 def test_bad_ppo_config_names_the_field():
-    with pytest.raises(ValueError, match=r"ppo.algorithm='sac' is invalid"):
-        PPOConfig(algorithm="sac")
+    with pytest.raises(ValueError, match=r"a2c takes a PolicyConfig, not a PPOConfig"):
+        build_algorithm("a2c", PPOConfig(), RankAllocationEnv(**TINY), seed=0)
     with pytest.raises(ValueError, match=r"ppo.gamma=1.5 is invalid"):
         PPOConfig(gamma=1.5)
     with pytest.raises(ValueError, match=r"ppo.n_envs=0 is invalid"):
@@ -116,7 +118,7 @@ def test_bad_ppo_config_names_the_field():
 
 @pytest.mark.parametrize("grow_bias", [0.0, 2.0])
 def test_grow_bias_sets_the_untrained_grow_probability_and_is_saved(grow_bias, gpt2_env, tmp_path):
-    model = build_algorithm(PPOConfig(grow_bias=grow_bias, **TINY_PPO), gpt2_env, seed=0)
+    model = build_algorithm("maskable_ppo", PPOConfig(grow_bias=grow_bias, **TINY_PPO), gpt2_env, seed=0)
     save_policy(model, str(tmp_path / "policy.zip"))
     observation, _ = gpt2_env.reset(seed=0)  # every module at rank 0: shrink is masked, keep or grow remain
     n = len(gpt2_env.modules)
@@ -143,8 +145,10 @@ class StepRewards(BaseCallback):
 @pytest.mark.parametrize("algorithm", ["maskable_ppo", "a2c"])
 def test_the_learner_does_not_bootstrap_past_the_last_decision(algorithm, gpt2_env):
     steps = 2 * TINY["decisions"]  # one rollout of two whole episodes
-    config = PPOConfig(algorithm=algorithm, n_steps=steps, batch_size=steps, n_epochs=1)
-    model = build_algorithm(config, gpt2_env, seed=0)
+    config = (
+        PolicyConfig(n_steps=steps) if algorithm == "a2c" else PPOConfig(n_steps=steps, batch_size=steps, n_epochs=1)
+    )
+    model = build_algorithm(algorithm, config, gpt2_env, seed=0)
     rewards = StepRewards()
     model.learn(steps, callback=rewards)
     # SB3 adds gamma * V(final observation) to the last reward of a truncated episode; the run ends there

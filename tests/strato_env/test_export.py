@@ -7,7 +7,6 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from strato_env.env import RankAllocationEnv
-from strato_env.instance import fresh_model
 from tests.conftest import SMALL
 
 
@@ -48,7 +47,7 @@ def test_exported_adapter_reloads_with_peft_to_the_same_loss(model, tmp_path):
     weights = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     assert sum(t.numel() for t in weights.values()) == info["params"]
 
-    reloaded = PeftModel.from_pretrained(fresh_model(env.instance), tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(env.fresh_base_model(), tmp_path / "adapter")
     for name, rank in info["allocation"].items():
         if rank:
             layer = reloaded.base_model.model.get_submodule(name)
@@ -61,11 +60,11 @@ def test_classification_exports_head_and_lora(sentiment_csv, tmp_path):
         model="bert-tiny",
         task={"name": "classification", "data": sentiment_csv, "train_examples": 80, "eval_examples": 16},
     )
-    assert env.lora.extra_params > 0
+    assert env.extra_params > 0
     env.export_adapter(tmp_path / "adapter")
     weights = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     assert sum(t.numel() for t in weights.values()) == info["params"]
-    reloaded = PeftModel.from_pretrained(fresh_model(env.instance), tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(env.fresh_base_model(), tmp_path / "adapter")
     assert env.evaluate_loss(reloaded) == pytest.approx(info["loss"], abs=1e-5)
 
 

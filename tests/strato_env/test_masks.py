@@ -19,7 +19,7 @@ def test_masked_random_rollouts_stay_on_the_ladder_and_within_budget(model):
             mask = env.action_masks().reshape(-1, 3)
             assert mask[:, KEEP].all()
             assert not mask[n:, [SHRINK, GROW]].any(), "padding slots may only keep"
-            ranks = env.lora.ranks
+            ranks = env.ranks
             for slot, m in enumerate(env.modules):
                 index = env.ladder.index(ranks[m.name])
                 assert mask[slot, SHRINK] == (index > 0)
