@@ -16,7 +16,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from strato_env.env import KEEP, RankAllocationEnv
-from strato_env.instance import fresh_model
+from strato_env.models import fan_in_fan_out
 
 
 def plain_peft_decision(model, optimizer, env: RankAllocationEnv, rows: np.ndarray) -> float:
@@ -47,7 +47,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     env = RankAllocationEnv(model=args.model)
-    allocation = env.data.oracle_ranks
+    allocation = env.oracle_allocation
     adapted = {name: r for name, r in allocation.items() if r > 0}
     config = LoraConfig(
         r=1,
@@ -55,9 +55,10 @@ def main() -> None:
         target_modules=sorted(adapted),
         rank_pattern={re.escape(n): r for n, r in adapted.items()},
         alpha_pattern={re.escape(n): r for n, r in adapted.items()},
-        fan_in_fan_out=args.model.startswith("gpt2"),
     )
-    plain = get_peft_model(fresh_model(env.instance), config)
+    base = env.fresh_base_model()
+    config.fan_in_fan_out = fan_in_fan_out(base, env.modules)
+    plain = get_peft_model(base, config)
     optimizer = torch.optim.AdamW([p for p in plain.parameters() if p.requires_grad], lr=env.config.learning_rate)
     keep = np.full(env.action_space.shape, KEEP)
     per_decision = env.config.inner_steps * env.config.batch_size
@@ -65,7 +66,7 @@ def main() -> None:
     env_times, plain_times = [], []
     for repeat in range(args.repeats + 1):  # the first round warms up both sides and is not counted
         env.reset(seed=repeat, options={"allocation": allocation})
-        order = env.get_state()["episode"]["order"]
+        order = env.data_order
         for decision in range(env.config.decisions):
             start = time.perf_counter()
             env.step(keep)

@@ -18,7 +18,8 @@ import numpy as np
 from agents.evaluation import gap_closed, run_policy_episode, uniform_loss
 from agents.go_explore import GoExplore, GoExploreConfig
 from agents.ppo.train import load_policy
-from strato_env.env import MODULE_FEATURES, RankAllocationEnv
+from strato_env.env import RankAllocationEnv
+from strato_env.observation import slots_of
 
 HELD_OUT = [
     {"model": "llama-tiny"},
@@ -26,10 +27,6 @@ HELD_OUT = [
     {"model": "gpt2-tiny", "task": {"profile": "bottom-heavy"}},
     {"model": "gpt2-tiny", "task": {"profile": "mlp-only"}},
 ]
-
-
-def _label(env: RankAllocationEnv) -> str:
-    return f"{env.config.model}/{env.config.task.profile}"
 
 
 def main() -> None:
@@ -45,7 +42,7 @@ def main() -> None:
 
     env = RankAllocationEnv()
     uniform, oracle = uniform_loss(env), env.oracle_loss
-    print(f"default instance {_label(env)}: uniform {uniform:.5f}  oracle {oracle:.5f}  budget {env.budget}")
+    print(f"default instance {env.config.label}: uniform {uniform:.5f}  oracle {oracle:.5f}  budget {env.budget}")
 
     gaps = []
     for seed in range(args.go_explore_seeds):
@@ -63,14 +60,14 @@ def main() -> None:
 
     if args.policy:
         policy = load_policy(args.policy)
-        slots = policy.observation_space["modules"].shape[0] // MODULE_FEATURES
+        slots = slots_of(policy.observation_space)
         for overrides in [{}, *HELD_OUT]:
             target = env if not overrides else RankAllocationEnv(max_modules=slots, **overrides)
             episode = run_policy_episode(policy, target, seed=0)
             uniform_t, oracle_t = uniform_loss(target), target.oracle_loss
             static = target.evaluate_allocation(episode["allocation"], seed=0)
             print(
-                f"policy on {_label(target):<24} episode loss {episode['loss']:.5f} "
+                f"policy on {target.config.label:<30} episode loss {episode['loss']:.5f} "
                 f"(gap {gap_closed(episode['loss'], uniform_t, oracle_t):6.3f})  static {static:.5f} "
                 f"(gap {gap_closed(static, uniform_t, oracle_t):6.3f})  uniform {uniform_t:.5f}  oracle {oracle_t:.5f}"
             )
