@@ -55,9 +55,10 @@ def test_quick_bench_writes_every_cell_references_and_plots(quick_run):
     assert {(r["method"], r["instance"], r["seed"]) for r in rows} == expected
     assert all(r["status"] == "ok" for r in rows), [r["error"] for r in rows if r["error"]]
     for row in rows:
-        if row["method"] in ("oracle", "uniform"):
-            assert float(row["gap_closed"]) == (1.0 if row["method"] == "oracle" else 0.0)
         assert int(row["params"]) <= int(row["budget"])
+    final = {(r["method"], r["instance"]): float(r["final_loss"]) for r in rows}
+    for label in labels:  # the references are what they claim: the planted optimum beats uniform LoRA
+        assert final["oracle", label] < final["uniform", label], label
     summary = (path / "summary.md").read_text()
     images = json.loads((path / "report.json").read_text())["images"]
     assert len(images) == 2 + len(labels)

@@ -81,12 +81,21 @@ def test_returning_and_replaying_reproduce_recorded_losses(env: RankAllocationEn
         assert env.ranks == entry.allocation
     best = agent.archive.best()
     assert best.trajectory == result.trajectory and best.loss == result.loss
-    env.reset(seed=SEED)
-    for action in result.trajectory:
-        *_, info = env.step(np.array(action))
-    assert info["loss"] == result.loss
-    assert info["allocation"] == result.allocation
-    assert info["optimizer_steps"] == best.optimizer_steps == len(result.trajectory) * env.config.inner_steps
+
+
+def test_every_archived_trajectory_replays_from_reset(env: RankAllocationEnv) -> None:
+    """Each archived trajectory, played from reset with no return, ends at its recorded loss and allocation;
+    among them are trajectories found by exploring from a restored (set_state) cell other than the root."""
+    agent, result, _ = _run(env, GoExploreConfig(max_optimizer_steps=24, explore_steps=1))
+    restored = [e for e in agent.archive if len(e.trajectory) > 1]  # explore_steps=1: reached after a return
+    assert restored, "no exploration started from a restored cell"
+    for entry in agent.archive:
+        _, info = env.reset(seed=SEED)
+        for action in entry.trajectory:
+            _, _, _, _, info = env.step(np.array(action))
+        assert (info["loss"], info["allocation"]) == (entry.loss, entry.allocation), entry.cell
+        assert info["optimizer_steps"] == entry.optimizer_steps == len(entry.trajectory) * env.config.inner_steps
+    assert agent.archive.best().loss == result.loss
 
 
 def _entry(cell: tuple[int, ...], score: float, steps: int = 0, finished: bool = False, chosen: int = 0) -> CellEntry:

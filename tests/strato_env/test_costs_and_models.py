@@ -1,10 +1,14 @@
 import re
 
+import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
+from torch.utils.flop_counter import FlopCounterMode
 
 from strato_env.costs import allocation_cost, cheapest_nonempty, uniform_rank_for_budget
+from strato_env.env import KEEP, RankAllocationEnv
 from strato_env.models import find_target_modules, load_model
 
 EXPECTED_KINDS = {
@@ -76,12 +80,32 @@ def test_costs_equal_peft_trainable_parameters(preset):
     )
     peft_model = get_peft_model(model, config)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    cost = allocation_cost(modules, ranks)
-    assert cost.params == trainable
-    assert cost.adapter_bytes == 4 * trainable
-    # FLOPs: measured by counting the multiply-adds of x -> B(Ax) per token
-    per_token = sum(2 * r * (m.in_features + m.out_features) for m, r in zip(modules, ranks.values(), strict=True))
-    assert cost.flops_per_token == per_token
+    assert allocation_cost(modules, ranks).params == trainable
+
+
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny", "bert-tiny"])
+def test_flops_and_bytes_of_an_allocation_are_measured(preset, tmp_path):
+    """FLOPs per token: a real forward with the adapters against one without, counted by torch; bytes: the
+    exported adapter's tensors."""
+    env = RankAllocationEnv(model=preset, decisions=1, inner_steps=1, probe_steps=0, budget=10**6)
+    ranks = {m.name: [1, 2, 4, 8, 0, 16][i % 6] for i, m in enumerate(env.modules)}
+    _, info = env.reset(seed=0, options={"allocation": ranks})
+    _, _, _, _, info = env.step(np.full(env.action_space.shape, KEEP))  # B != 0: every factor really multiplies
+    tokens = env.data.eval["input_ids"][:2]
+
+    def flops(model: torch.nn.Module) -> int:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(input_ids=tokens)
+        return counter.get_total_flops()
+
+    adapted, base = flops(env.model), flops(env.fresh_base_model())
+    assert adapted > base
+    assert (adapted - base) / tokens.numel() == info["flops_per_token"]
+
+    env.export_adapter(str(tmp_path / "adapter"))
+    tensors = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert sum(t.numel() * t.element_size() for t in tensors.values()) == info["adapter_bytes"]
+    assert sum(t.numel() for t in tensors.values()) == info["params"]
 
 
 def test_budget_helpers():

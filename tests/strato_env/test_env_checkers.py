@@ -26,8 +26,9 @@ def test_checkers_pass_on_planted(model):
     _check(gym.make(ENV_ID, model=model, **SMALL))
 
 
-def test_checkers_pass_on_causal_lm(shakespeare):
-    env = gym.make(ENV_ID, task={"name": "causal_lm", "data": shakespeare}, **SMALL)
+@pytest.mark.parametrize("data", ["corpus", "shakespeare"])  # the tests' own text; the shared corpus as an extra
+def test_checkers_pass_on_causal_lm(data, request):
+    env = gym.make(ENV_ID, task={"name": "causal_lm", "data": request.getfixturevalue(data)}, **SMALL)
     _check(env)
     _, info = env.reset(seed=0)
     assert "oracle_loss" not in info

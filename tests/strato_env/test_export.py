@@ -35,7 +35,7 @@ def sentiment_csv(tmp_path):
     return str(path)
 
 
-@pytest.mark.parametrize("model", ["gpt2-tiny", "bert-tiny"])
+@pytest.mark.parametrize("model", ["gpt2-tiny", "llama-tiny", "bert-tiny"])
 def test_exported_adapter_reloads_with_peft_to_the_same_loss(model, tmp_path):
     env, info = _grown_env(model=model)
     env.export_adapter(tmp_path / "adapter")
@@ -55,12 +55,18 @@ def test_exported_adapter_reloads_with_peft_to_the_same_loss(model, tmp_path):
     assert env.evaluate_loss(reloaded) == pytest.approx(info["loss"], abs=1e-5)
 
 
-def test_classification_exports_head_and_lora(sentiment_csv, tmp_path):
+@pytest.mark.parametrize(
+    ("model", "head"), [("gpt2-tiny", "score"), ("llama-tiny", "score"), ("bert-tiny", "classifier")]
+)
+def test_classification_trains_and_exports_head_and_lora(model, head, sentiment_csv, tmp_path):
     env, info = _grown_env(
-        model="bert-tiny",
+        model=model,
         task={"name": "classification", "data": sentiment_csv, "train_examples": 80, "eval_examples": 16},
     )
-    assert env.extra_params > 0
+    assert env.data.modules_to_save == [head]
+    assert env.extra_params == sum(p.numel() for p in env.fresh_base_model().get_submodule(head).parameters())
+    assert env.fresh_base_model().config.pad_token_id is not None  # GPT-2 has none of its own: the batch is padded
+    assert info["loss"] < info["initial_loss"]  # the words decide the label: an episode learns some of it
     env.export_adapter(tmp_path / "adapter")
     weights = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     assert sum(t.numel() for t in weights.values()) == info["params"]

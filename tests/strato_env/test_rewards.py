@@ -1,0 +1,55 @@
+"""What the env promises about its numbers: the reward formula, static evaluation, the importance probe."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from strato_env.env import KEEP, RankAllocationEnv
+from strato_env.observation import IMPORTANCE, module_table
+
+
+def test_each_reward_is_the_loss_gain_minus_the_parameter_cost():
+    env = RankAllocationEnv(decisions=5, inner_steps=3, cost_weight=0.05)
+    _, info = env.reset(seed=2)
+    initial, previous = info["initial_loss"], info["loss"]
+    assert initial == previous == env.evaluate_loss()
+    rng = np.random.default_rng(0)
+    rewards, costs = [], []
+    for _ in range(env.config.decisions):
+        mask = env.action_masks().reshape(-1, 3)
+        action = np.array([rng.choice(np.flatnonzero(row)) for row in mask])
+        _, reward, _, _, info = env.step(action)
+        assert info["loss"] == env.evaluate_loss()  # L_t is the loss on the fixed evaluation set after the step
+        cost = 0.05 * info["params"] / info["budget"]
+        assert reward == pytest.approx((previous - info["loss"]) / initial - cost, rel=1e-12, abs=1e-15)
+        rewards.append(reward)
+        costs.append(cost)
+        previous = info["loss"]
+    assert any(costs)  # the cost term was really exercised
+    # over the episode the gains telescope to the relative loss drop
+    assert sum(rewards) == pytest.approx((initial - info["loss"]) / initial - sum(costs), rel=1e-9)
+
+
+def test_evaluate_allocation_is_an_episode_that_keeps_that_allocation():
+    env = RankAllocationEnv(decisions=3, inner_steps=4)
+    allocation = {m.name: (4 if m.layer == 3 else 1) for m in env.modules}
+    for seed in (0, 5):
+        env.reset(seed=seed, options={"allocation": allocation})
+        for _ in range(env.config.decisions):
+            _, _, _, _, info = env.step(np.full(env.action_space.shape, KEEP))
+        assert info["allocation"] == allocation
+        assert env.evaluate_allocation(allocation, seed=seed) == info["loss"]
+    assert env.evaluate_allocation(allocation, seed=0) != env.evaluate_allocation(allocation, seed=5)
+
+
+@pytest.mark.parametrize("profile", ["top-heavy", "mlp-only"])
+def test_the_probe_rates_planted_modules_above_unplanted_ones(profile):
+    """The importance at reset ranks the modules the teacher changed above those it did not (ROC AUC)."""
+    env = RankAllocationEnv(task={"profile": profile}, decisions=1, inner_steps=1, probe_steps=10)
+    observation, info = env.reset(seed=0)
+    importance = module_table(observation["modules"])[: len(env.modules), IMPORTANCE]
+    planted = np.array([info["oracle_allocation"][m.name] > 0 for m in env.modules])
+    pairs = [(a, b) for a in importance[planted] for b in importance[~planted]]
+    auc = np.mean([1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs])
+    assert auc >= 0.75, auc
