@@ -46,6 +46,7 @@ def quick_run(tmp_path_factory):
     return config, run_bench(config)
 
 
+@pytest.mark.slow
 def test_quick_bench_writes_every_cell_references_and_plots(quick_run):
     config, path = quick_run
     assert is_complete(path) and config.name == "bench_planted-quick"
@@ -70,6 +71,7 @@ def test_quick_bench_writes_every_cell_references_and_plots(quick_run):
         assert f"| {method} |" in summary or f"| **{method}** |" in summary
 
 
+@pytest.mark.slow
 def test_quick_bench_spends_equal_cost(quick_run):
     config, path = quick_run
     rows = _results(path)
@@ -89,6 +91,7 @@ def test_quick_bench_spends_equal_cost(quick_run):
             assert spent[method, label] == policy["optimizer_steps"] + probe + config.episode_steps
 
 
+@pytest.mark.slow
 def test_cells_reproduce_across_process_pool_and_ray(tmp_path):
     ray = pytest.importorskip("ray")  # before any work: without Ray the comparison cannot be made
     methods = ["random", "greedy"]
@@ -132,6 +135,7 @@ def test_publish_writes_one_section_per_benchmark_with_its_plots(tmp_path):
         assert f"`strato bench {name}`" in text
 
 
+@pytest.mark.slow
 def test_interrupted_bench_resumes_without_rerunning_finished_cells(tmp_path):
     config = _tiny(tmp_path, "resume", methods=["random"], seeds=[0, 1, 2], search_steps=30)
     config_file = tmp_path / "resume.yaml"

@@ -123,6 +123,7 @@ def test_yaml_config_file_with_an_unknown_key(tmp_path):
         load_train_config(str(config))
 
 
+@pytest.mark.slow
 def test_a_run_interrupted_mid_training_stays_marked_unfinished_with_the_reason(tmp_path):
     """Ctrl-C (SIGINT) during a real `strato train`: the folder keeps UNFINISHED, saying why, and no report."""
     run = tmp_path / "interrupted"
