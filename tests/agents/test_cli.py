@@ -1,3 +1,4 @@
+import csv
 import json
 import os
 import signal
@@ -93,8 +94,13 @@ def test_go_explore_run_writes_its_archive(tmp_path):
     )
     assert code == 0 and is_complete(tmp_path / "ge")
     archive = json.loads((tmp_path / "ge" / "archive.json").read_text())
-    assert archive["cells"]
-    _check_adapter(tmp_path / "ge", "gpt2-tiny")
+    finished = [c for c in archive["cells"] if c["finished"]]
+    best = min(finished, key=lambda c: (c["loss"], c["optimizer_steps"]))
+    allocation = _check_adapter(tmp_path / "ge", "gpt2-tiny")
+    assert allocation == best["allocation"]  # the run exports the archive's best finished trajectory
+    with open(tmp_path / "ge" / "evaluation.csv") as file:
+        row = next(csv.DictReader(file))
+    assert float(row["loss"]) == pytest.approx(best["loss"], rel=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -164,5 +170,13 @@ CONFIGS = sorted(Path(__file__).resolve().parents[2].joinpath("configs").glob("*
 
 @pytest.mark.parametrize("path", [p for p in CONFIGS if not p.name.startswith("bench_")], ids=lambda p: p.name)
 def test_shipped_configs_validate(path):
+    written = yaml.safe_load(path.read_text())
     config = load_train_config(str(path))
-    assert config.train_instances and config.env_config(config.train_instances[0]).decisions >= 1
+    resolved = config.to_dict()
+    for key, value in written.items():  # every key the file sets reaches the resolved config unchanged
+        if isinstance(value, dict) and key in ("ppo", "go_explore"):
+            assert {k: resolved[key][k] for k in value} == value, key
+        else:
+            assert resolved[key] == value, key
+    for instance in config.train_instances + config.test_instances:
+        assert config.env_config(instance).decisions == written.get("env", {}).get("decisions", 8)
