@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -132,9 +131,7 @@ def _train_policy(config: TrainConfig, envs: list[RankAllocationEnv], run: RunFo
     finally:
         if parallel:
             env.close()  # the worker processes; the in-process envs are scored below
-    staging = run.path / ".policy.zip"
-    save_policy(model, str(staging))
-    os.replace(staging, run.path / "policy.zip")
+    save_policy(model, run.path / "policy.zip")
 
     # scoring restores each env's episode, so envs[0] ends holding the policy's trained adapter for export
     episodes, evaluation = [], []

@@ -23,6 +23,7 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 from torch import nn
 
+from strato_env.files import replace_folder
 from strato_env.models import TargetModule, fan_in_fan_out
 
 ADAPTER = "default"
@@ -214,9 +215,7 @@ class DynamicLora:
         try:
             self.lora_config(base_model_name_or_path).save_pretrained(staging)
             save_file(state, os.path.join(staging, "adapter_model.safetensors"), metadata={"format": "pt"})
-            if os.path.exists(path):
-                shutil.rmtree(path)
-            os.replace(staging, path)
+            replace_folder(staging, path)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise

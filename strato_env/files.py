@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -21,3 +22,15 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
     except BaseException:
         Path(staging).unlink(missing_ok=True)
         raise
+
+
+def replace_folder(staging: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Make the complete folder `staging` (on the same file system) become `path`: its files flushed to disk
+    first, then any old `path` removed and `staging` renamed."""
+    for file in Path(staging).rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+    if os.path.exists(path):
+        shutil.rmtree(path)
+    os.replace(staging, path)

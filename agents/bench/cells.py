@@ -16,19 +16,16 @@ Protocol, the same for every method:
 
 from __future__ import annotations
 
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from agents.bench.config import BenchConfig
 from agents.evaluation import run_policy_episode
 from agents.methods import METHODS
-from agents.ppo.train import build_algorithm, load_policy, round_robin, save_policy
+from agents.ppo.train import build_algorithm, load_policy, policy_bytes, round_robin
 from strato_env.config import from_dict
 from strato_env.env import RankAllocationEnv
-from strato_env.files import write_atomic
 
 
 @dataclass(frozen=True)
@@ -92,11 +89,8 @@ def train_policy(config: BenchConfig, method: str, seed: int) -> dict[str, Any]:
     before = sum(env.total_optimizer_steps for env in envs)
     model = build_algorithm(method, settings, round_robin(envs), seed)
     model.learn(timesteps)
-    with tempfile.TemporaryDirectory() as folder:
-        save_policy(model, f"{folder}/policy.zip")
-        policy = Path(f"{folder}/policy.zip").read_bytes()
     steps = sum(env.total_optimizer_steps - before + env.probe_optimizer_steps for env in envs)
-    return {"optimizer_steps": steps, "policy": policy}
+    return {"optimizer_steps": steps, "policy": policy_bytes(model)}
 
 
 def _search(
@@ -107,10 +101,7 @@ def _search(
     options = config.method_options(cell.method)
     before, probe = env.total_optimizer_steps, env.probe_optimizer_steps
     if method.learned:
-        with tempfile.TemporaryDirectory() as folder:
-            write_atomic(Path(folder) / "policy.zip", policy["policy"])
-            agent = load_policy(f"{folder}/policy.zip")
-        episode = run_policy_episode(agent, env, seed=cell.seed)
+        episode = run_policy_episode(load_policy(policy["policy"]), env, seed=cell.seed)
         steps = policy["optimizer_steps"] + probe + env.total_optimizer_steps - before
         return episode["allocation"], steps, [(steps, episode["loss"])]
     if method.reference:

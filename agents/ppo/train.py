@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,6 +24,7 @@ from stable_baselines3.common.vec_env import SubprocVecEnv, VecEnv
 from agents.ppo.policy import MaskableSlotPolicy, SlotPolicy
 from strato_env.config import EnvConfig
 from strato_env.env import RankAllocationEnv
+from strato_env.files import write_atomic
 from strato_env.observation import OBSERVATION_VERSION
 from strato_env.validation import check_int, check_number
 
@@ -216,25 +219,36 @@ def algorithm_name(model: BaseAlgorithm) -> str:
     return next(name for name, (cls, _) in ALGORITHMS.items() if type(model) is cls)
 
 
-def save_policy(model: BaseAlgorithm, path: str) -> None:
-    """SB3's `.zip`, plus a small `strato.json` entry naming the algorithm and the observation layout's version,
-    so that `load_policy` needs no hint and refuses a policy trained on another layout."""
-    model.save(path)
-    with zipfile.ZipFile(path, "a") as archive:
+def policy_bytes(model: BaseAlgorithm) -> bytes:
+    """SB3's `.zip` of `model`, plus a small `strato.json` entry naming the algorithm and the observation
+    layout's version, so that `load_policy` needs no hint and refuses a policy trained on another layout."""
+    buffer = io.BytesIO()
+    model.save(buffer)
+    with zipfile.ZipFile(buffer, "a") as archive:
         meta = {"algorithm": algorithm_name(model), "observation_version": OBSERVATION_VERSION}
         archive.writestr("strato.json", json.dumps(meta))
+    return buffer.getvalue()
 
 
-def load_policy(path: str, env: gym.Env | None = None) -> BaseAlgorithm:
-    """Load a policy written by `save_policy` (PPO, A2C or MaskablePPO)."""
-    with zipfile.ZipFile(path) as archive:
+def save_policy(model: BaseAlgorithm, path: str | os.PathLike) -> None:
+    """`policy_bytes(model)`, written atomically to `path`."""
+    write_atomic(path, policy_bytes(model))
+
+
+def load_policy(source: str | os.PathLike | bytes, env: gym.Env | None = None) -> BaseAlgorithm:
+    """Load a policy written by `save_policy` (a path) or `policy_bytes` (the bytes): PPO, A2C or MaskablePPO."""
+    name = "the policy bytes" if isinstance(source, bytes) else os.fspath(source)
+    file = io.BytesIO(source) if isinstance(source, bytes) else source
+    with zipfile.ZipFile(file) as archive:
         if "strato.json" not in archive.namelist():
-            raise ValueError(f"{path} was not written by strato (no strato.json entry naming its algorithm)")
+            raise ValueError(f"{name} was not written by strato (no strato.json entry naming its algorithm)")
         meta = json.loads(archive.read("strato.json"))
     version = meta.get("observation_version", 0)
     if version != OBSERVATION_VERSION:
         raise ValueError(
-            f"{path} was trained on observation layout v{version}; this strato_env writes v{OBSERVATION_VERSION}, "
+            f"{name} was trained on observation layout v{version}; this strato_env writes v{OBSERVATION_VERSION}, "
             "which the policy would misread. Retrain it with this version."
         )
-    return ALGORITHMS[meta["algorithm"]][0].load(path, env=env, device="cpu")
+    if isinstance(file, io.BytesIO):
+        file.seek(0)
+    return ALGORITHMS[meta["algorithm"]][0].load(file, env=env, device="cpu")
