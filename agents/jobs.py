@@ -219,15 +219,16 @@ def inspect(
     config = from_dict(EnvConfig, {"model": model, "target_modules": target_modules, "rank_ladder": rank_ladder})
     modules = find_target_modules(load_model(config.model), config.target_modules)
     ranks = [r for r in config.rank_ladder if r > 0]
-    header = f"{'module':<48} {'kind':<14} {'layer':>5} {'in':>6} {'out':>6} {'per rank':>9} " + " ".join(
+    header = f"{'module':<48} {'kind':<14} {'stack':<8} {'layer':>5} {'in':>6} {'out':>6} {'per rank':>9} " + " ".join(
         f"{'r=' + str(r):>9}" for r in ranks
     )
     lines = [f"{model}: {len(modules)} target modules", header, "-" * len(header)]
     for m in modules:
+        stack = "cross" if m.cross_attention else m.stack
         lines.append(
-            f"{m.name:<48} {m.kind:<14} {m.layer:>5} {m.in_features:>6} {m.out_features:>6} "
+            f"{m.name:<48} {m.kind:<14} {stack:<8} {m.layer:>5} {m.in_features:>6} {m.out_features:>6} "
             f"{m.params_per_rank:>9} " + " ".join(f"{r * m.params_per_rank:>9}" for r in ranks)
         )
     total = sum(m.params_per_rank for m in modules)
-    lines.append(f"{'all modules (uniform rank)':<83} {total:>9} " + " ".join(f"{r * total:>9}" for r in ranks))
+    lines.append(f"{'all modules (uniform rank)':<92} {total:>9} " + " ".join(f"{r * total:>9}" for r in ranks))
     return "\n".join(lines)

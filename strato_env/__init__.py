@@ -1,6 +1,6 @@
 """STRATO-PEFT's environment: LoRA rank allocation as a Gymnasium env.
 
-`import strato_env` registers `strato_env/RankAllocation-v0`.
+`import strato_env` registers `strato_env/RankAllocation-v1`.
 """
 
 from gymnasium.envs.registration import register
@@ -8,7 +8,7 @@ from gymnasium.envs.registration import register
 from strato_env.config import MAX_DECISIONS, EnvConfig, TaskConfig
 
 register(
-    id="strato_env/RankAllocation-v0",
+    id="strato_env/RankAllocation-v1",
     entry_point="strato_env.env:RankAllocationEnv",
     max_episode_steps=MAX_DECISIONS,  # a safety net; the env truncates itself after `decisions` steps
 )

@@ -12,7 +12,7 @@ from typing import Any
 from strato_env.validation import check_choice, check_int, check_number, fail, is_int
 
 PLANTED_PROFILES = ("top-heavy", "bottom-heavy", "attention-only", "mlp-only", "random-sparse")
-TASK_NAMES = ("planted", "causal_lm", "classification")
+TASK_NAMES = ("planted", "causal_lm", "classification", "seq2seq")
 
 
 def from_dict(cls: type, values: dict[str, Any], where: str = "") -> Any:
@@ -87,7 +87,8 @@ class TaskConfig:
     """What the student is trained on. One config covers the three task families."""
 
     name: str = "planted"
-    """Task family: 'planted' (known optimum), 'causal_lm' (next-token loss on text) or 'classification'."""
+    """Task family: 'planted' (known optimum), 'causal_lm' (next-token loss on text), 'classification' or
+    'seq2seq' (encoder-decoder models: source -> target pairs)."""
     profile: str = "top-heavy"
     """planted: where the teacher's low-rank updates sit (one of PLANTED_PROFILES)."""
     planted_rank: int = 16
@@ -95,13 +96,18 @@ class TaskConfig:
     planted_scale: float = 0.5
     """planted: Frobenius norm of each planted update relative to the norm of the weight it perturbs."""
     data: str | None = None
-    """causal_lm / classification: a local file or folder (text, or CSV for classification) or a hub dataset id."""
+    """causal_lm / classification / seq2seq: a local file or folder (text for causal_lm; CSV, or JSONL for
+    seq2seq) or a hub dataset id."""
     dataset_config: str | None = None
     """Hub dataset configuration name, e.g. 'wikitext-2-raw-v1' or 'sst2'."""
     text_column: str = "text"
     """classification: column that holds the text."""
     label_column: str = "label"
     """classification: column that holds the integer label."""
+    source_column: str = "source"
+    """seq2seq: column that holds the input text."""
+    target_column: str = "target"
+    """seq2seq: column that holds the output text."""
     seq_len: int = 32
     """Tokens per sequence."""
     train_examples: int = 256

@@ -79,7 +79,7 @@ class RankAllocationEnv(gym.Env):
 
     ## Observation Space
 
-    `Dict(modules=Box(max_modules * 10), global=Box(4))`, scale-free so one policy fits any model.
+    `Dict(modules=Box(max_modules * 12), global=Box(4))`, scale-free so one policy fits any model.
     `modules` is flat (as SB3 prefers); `strato_env.observation.module_table(modules)` gives one row per module
     slot. Read columns by their names in `strato_env.observation` (`IMPORTANCE`, `DEPTH`, `KINDS`, `PRESENT`,
     `BUDGET_USED`, ...), not by number:
@@ -89,9 +89,15 @@ class RankAllocationEnv(gym.Env):
     | IMPORTANCE (0)         | probe gain x remaining dL/dW share, min-max scaled        | [0, 1]  |
     | RANK (1)               | rank / r_max                                              | [0, 1]  |
     | PARAMS_PER_RANK (2)    | parameters per unit of rank / B                           | [0, 1]  |
-    | DEPTH (3)              | relative depth (layer / (layers - 1))                     | [0, 1]  |
+    | DEPTH (3)              | relative depth over every stack (layer / (layers - 1))    | [0, 1]  |
     | KINDS (4-8)            | kind one-hot: attention in, attention out, MLP in, MLP out, other | {0, 1} |
-    | PRESENT (9)            | present flag (0 for padding slots, whose features are all 0) | {0, 1} |
+    | ENCODER (9)            | 1 in an encoder stack (BERT; a T5 encoder), 0 in a decoder | {0, 1} |
+    | CROSS_ATTENTION (10)   | 1 for an encoder-decoder's cross-attention (T5 `EncDecAttention`) | {0, 1} |
+    | PRESENT (11)           | present flag (0 for padding slots, whose features are all 0) | {0, 1} |
+
+    An encoder-decoder's layers are numbered over both stacks, encoder first: a 2 + 2 block T5 has depths
+    0, 1/3 (encoder), 2/3 and 1 (decoder). Cross-attention q, k, v and o are attention in / out modules of
+    their decoder block with CROSS_ATTENTION set.
 
     | column (index)     | meaning                                 | bounds    |
     |--------------------|-----------------------------------------|-----------|
@@ -139,14 +145,15 @@ class RankAllocationEnv(gym.Env):
     ## Version History
 
     - v0: initial version.
+    - v1: the ENCODER and CROSS_ATTENTION module columns (T5); policies saved under v0 are refused.
 
     ## Example
 
     >>> import gymnasium as gym, strato_env
-    >>> env = gym.make("strato_env/RankAllocation-v0", decisions=2, inner_steps=1)
+    >>> env = gym.make("strato_env/RankAllocation-v1", decisions=2, inner_steps=1)
     >>> observation, info = env.reset(seed=0)
     >>> observation["modules"].shape, info["params"]
-    ((640,), 0)
+    ((768,), 0)
     """
 
     metadata = {"render_modes": []}
@@ -295,6 +302,8 @@ class RankAllocationEnv(gym.Env):
             features[i, obs.PARAMS_PER_RANK] = min(m.params_per_rank / self.budget, 1.0)
             features[i, obs.DEPTH] = m.depth
             features[i, obs.KINDS.start + MODULE_KINDS.index(m.kind)] = 1.0
+            features[i, obs.ENCODER] = float(m.stack == "encoder")
+            features[i, obs.CROSS_ATTENTION] = float(m.cross_attention)
             features[i, obs.PRESENT] = 1.0
         return features
 

@@ -8,12 +8,28 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 from torch import nn
+from transformers import PretrainedConfig
 
 from strato_env.config import EnvConfig, TrainingProtocol
-from strato_env.models import TINY_PRESETS, TargetModule, find_target_modules, load_config, load_model
+from strato_env.models import (
+    TINY_PRESETS,
+    TargetModule,
+    find_target_modules,
+    is_causal_lm,
+    is_seq2seq,
+    load_config,
+    load_model,
+)
 from strato_env.tasks.base import TaskData
 from strato_env.tasks.planted import build_planted
-from strato_env.tasks.text import build_causal_lm, build_classification, classification_rows, load_tokenizer
+from strato_env.tasks.text import (
+    build_causal_lm,
+    build_classification,
+    build_seq2seq,
+    classification_rows,
+    load_tokenizer,
+    seq2seq_rows,
+)
 
 
 @dataclass
@@ -41,6 +57,18 @@ def instance_key(config: EnvConfig) -> str:
     )
 
 
+def _check_task_fits_model(task: str, model: str, config: PretrainedConfig) -> None:
+    if task == "seq2seq" and not is_seq2seq(config):
+        raise ValueError(
+            f"task.name='seq2seq' is invalid for model={model!r}: it needs an encoder-decoder (e.g. t5-tiny)"
+        )
+    if task == "causal_lm" and not is_causal_lm(config):
+        raise ValueError(
+            f"task.name='causal_lm' is invalid for model={model!r}: it needs a decoder-only model; "
+            "allowed for this model: planted, classification" + (", seq2seq" if is_seq2seq(config) else "")
+        )
+
+
 def _build(config: EnvConfig) -> Instance:
     task = config.task
     is_preset = config.model in TINY_PRESETS
@@ -49,16 +77,19 @@ def _build(config: EnvConfig) -> Instance:
         num_labels = max(int(label) for label in rows[task.label_column]) + 1
         model = load_model(config.model, config.model_seed, task="classification", num_labels=num_labels)
     else:
-        load_config(config.model)  # fail on an unknown model before reading any data
+        _check_task_fits_model(task.name, config.model, load_config(config.model))  # before reading any data
+        rows = seq2seq_rows(task) if task.name == "seq2seq" else None
         model = load_model(config.model, config.model_seed)
     model.to(config.device)
     modules = find_target_modules(model, config.target_modules)
+    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     if task.name == "planted":
         data = build_planted(model, modules, task)
     elif task.name == "causal_lm":
         data = build_causal_lm(task, load_tokenizer(config.model, is_preset))
+    elif task.name == "seq2seq":
+        data = build_seq2seq(task, rows, load_tokenizer(config.model, is_preset), pad_id)
     else:
-        pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
         data = build_classification(task, rows, load_tokenizer(config.model, is_preset), pad_id)
         data.modules_to_save = [name for name in ("classifier", "score") if hasattr(model, name)]
     data.train = {k: v.to(config.device) for k, v in data.train.items()}

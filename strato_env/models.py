@@ -15,12 +15,14 @@ from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     BertConfig,
     GPT2Config,
     LlamaConfig,
     PretrainedConfig,
     PreTrainedModel,
+    T5Config,
 )
 from transformers.pytorch_utils import Conv1D
 
@@ -30,6 +32,8 @@ TINY_VOCAB = 512
 TINY_INIT_STD = 0.1
 
 MODULE_KINDS = ("attention_in", "attention_out", "mlp_in", "mlp_out", "other")
+STACKS = ("decoder", "encoder")
+"""Where a module sits: a decoder stack (decoder-only models, the decoder of an encoder-decoder) or an encoder."""
 
 
 def _tiny_config(name: str) -> PretrainedConfig:
@@ -73,10 +77,26 @@ def _tiny_config(name: str) -> PretrainedConfig:
             attention_probs_dropout_prob=0.0,
             initializer_range=TINY_INIT_STD,
         )
+    if name == "t5-tiny":
+        return T5Config(
+            vocab_size=TINY_VOCAB,
+            d_model=64,
+            d_kv=16,
+            d_ff=128,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            dropout_rate=0.0,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=1,
+            initializer_factor=TINY_INIT_STD / 0.125,  # T5 scales by d_model ** -0.5 = 0.125: std 0.1 as the others
+        )
     raise KeyError(name)
 
 
-TINY_PRESETS = ("gpt2-tiny", "llama-tiny", "bert-tiny")
+TINY_PRESETS = ("gpt2-tiny", "llama-tiny", "bert-tiny", "t5-tiny")
 
 
 @dataclass(frozen=True)
@@ -86,9 +106,15 @@ class TargetModule:
     name: str
     kind: str
     layer: int
+    """Block index over the whole model: an encoder-decoder's decoder blocks follow its encoder blocks."""
     depth: float
+    """layer / (layers - 1): relative depth over every stack, in [0, 1]."""
     in_features: int
     out_features: int
+    stack: str = "decoder"
+    """'decoder' or 'encoder' (see STACKS)."""
+    cross_attention: bool = False
+    """An encoder-decoder's cross-attention (the decoder attending to the encoder's output)."""
 
     @property
     def params_per_rank(self) -> int:
@@ -108,9 +134,14 @@ ENCODER_TYPES = (
 )
 
 
+def is_seq2seq(config: PretrainedConfig) -> bool:
+    """True for encoder-decoder models (T5 and its kin)."""
+    return bool(getattr(config, "is_encoder_decoder", False))
+
+
 def is_causal_lm(config: PretrainedConfig) -> bool:
-    """True for decoder-only LMs; False for encoders (BERT-style), which are matched on hidden states."""
-    return config.model_type not in ENCODER_TYPES
+    """True for decoder-only LMs; False for encoders (BERT-style), matched on hidden states, and encoder-decoders."""
+    return config.model_type not in ENCODER_TYPES and not is_seq2seq(config)
 
 
 def hub_unreachable() -> str | None:
@@ -169,6 +200,8 @@ def load_model(name: str, seed: int = 0, task: str = "planted", num_labels: int 
         config.num_labels = num_labels
         if config.pad_token_id is None:
             config.pad_token_id = config.eos_token_id if config.eos_token_id is not None else 0
+    elif is_seq2seq(config):
+        auto = AutoModelForSeq2SeqLM
     else:
         auto = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
     if name in TINY_PRESETS:
@@ -198,6 +231,10 @@ _FAMILY_RULES: list[tuple[str, str]] = [
     (r"encoder\.layer\.\d+\.attention\.output\.dense$", "attention_out"),
     (r"encoder\.layer\.\d+\.intermediate\.dense$", "mlp_in"),
     (r"encoder\.layer\.\d+\.output\.dense$", "mlp_out"),
+    (r"block\.\d+\.layer\.\d+\.(SelfAttention|EncDecAttention)\.(q|k|v)$", "attention_in"),
+    (r"block\.\d+\.layer\.\d+\.(SelfAttention|EncDecAttention)\.o$", "attention_out"),
+    (r"block\.\d+\.layer\.\d+\.DenseReluDense\.(wi|wi_0|wi_1)$", "mlp_in"),
+    (r"block\.\d+\.layer\.\d+\.DenseReluDense\.wo$", "mlp_out"),
 ]
 
 
@@ -224,6 +261,14 @@ def _layer_of(name: str) -> int:
     return int(match.group(1)) if match else 0
 
 
+def _stack_of(name: str, model: nn.Module) -> str:
+    """'encoder' for the encoder of an encoder-decoder and for encoder-only models, else 'decoder'."""
+    config = getattr(model, "config", None)
+    if config is not None and is_seq2seq(config):
+        return "encoder" if name.startswith("encoder.") else "decoder"
+    return "encoder" if config is not None and config.model_type in ENCODER_TYPES else "decoder"
+
+
 def find_target_modules(model: nn.Module, override: list[str] | str | None = None) -> list[TargetModule]:
     """The modules LoRA may adapt, in model order.
 
@@ -247,11 +292,25 @@ def find_target_modules(model: nn.Module, override: list[str] | str | None = Non
             f"no target modules matched {what} in {type(model).__name__}; pass target_modules as a list of "
             "module-name suffixes or a regex over Linear/Conv1D module names"
         )
-    n_layers = max(_layer_of(n) for n, _ in chosen) + 1
+    # an encoder-decoder's decoder blocks come after its encoder blocks, so depth runs over both stacks
+    encoder_layers = 1 + max((_layer_of(n) for n, _ in chosen if _stack_of(n, model) == "encoder"), default=-1)
+    offset = encoder_layers if is_seq2seq(getattr(model, "config", PretrainedConfig())) else 0
+    layers = {n: _layer_of(n) + (offset if _stack_of(n, model) == "decoder" else 0) for n, _ in chosen}
+    n_layers = max(layers.values()) + 1
     modules = []
     for name, module in chosen:
-        layer = _layer_of(name)
         in_features, out_features = _module_shape(module)
-        depth = layer / (n_layers - 1) if n_layers > 1 else 0.0
-        modules.append(TargetModule(name, _kind_of(name), layer, depth, in_features, out_features))
+        depth = layers[name] / (n_layers - 1) if n_layers > 1 else 0.0
+        modules.append(
+            TargetModule(
+                name,
+                _kind_of(name),
+                layers[name],
+                depth,
+                in_features,
+                out_features,
+                stack=_stack_of(name, model),
+                cross_attention=".EncDecAttention." in name,
+            )
+        )
     return modules

@@ -11,15 +11,26 @@ from typing import Any, TypeVar
 
 from strato_env.models import MODULE_KINDS
 
-OBSERVATION_VERSION = 0
+OBSERVATION_VERSION = 1
+"""v1 added the ENCODER and CROSS_ATTENTION columns (encoder-decoder models); v0 had neither."""
 
-MODULE_COLUMNS = ("importance", "rank", "params_per_rank", "depth", *(f"kind_{k}" for k in MODULE_KINDS), "present")
-"""Per module slot: importance in [0, 1]; rank / r_max; parameters per unit of rank / B; relative depth; the
-kind one-hot; the present flag (0 for padding slots, whose features are all 0)."""
+MODULE_COLUMNS = (
+    "importance",
+    "rank",
+    "params_per_rank",
+    "depth",
+    *(f"kind_{k}" for k in MODULE_KINDS),
+    "encoder",
+    "cross_attention",
+    "present",
+)
+"""Per module slot: importance in [0, 1]; rank / r_max; parameters per unit of rank / B; relative depth over
+every stack; the kind one-hot; 1 in an encoder stack; 1 for an encoder-decoder's cross-attention; the present
+flag (0 for padding slots, whose features are all 0)."""
 IMPORTANCE, RANK, PARAMS_PER_RANK, DEPTH = range(4)
 KINDS = slice(4, 4 + len(MODULE_KINDS))
 """The kind one-hot columns, in the order of `strato_env.models.MODULE_KINDS`."""
-PRESENT = len(MODULE_COLUMNS) - 1
+ENCODER, CROSS_ATTENTION, PRESENT = range(KINDS.stop, KINDS.stop + 3)
 MODULE_FEATURES = len(MODULE_COLUMNS)
 
 GLOBAL_COLUMNS = ("budget_used", "decisions_left", "loss_ratio", "last_gain")

@@ -38,6 +38,19 @@ def distillation_kl_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     return F.kl_div(student, teacher, log_target=True, reduction="batchmean")
 
 
+def seq2seq_distillation_kl_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """KL(teacher || student) over an encoder-decoder's decoder distributions, averaged over decoder tokens."""
+    logits = model(input_ids=batch["input_ids"], decoder_input_ids=batch["decoder_input_ids"]).logits
+    student = F.log_softmax(logits.float(), dim=-1).flatten(0, 1)
+    teacher = batch["teacher_logprobs"].flatten(0, 1)
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+
+
+def seq2seq_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """The encoder-decoder's own loss on its labels (padding labels are -100)."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+
+
 def hidden_state_mse_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Mean squared error between the student's and the teacher's last hidden states."""
     hidden = model(input_ids=batch["input_ids"]).last_hidden_state

@@ -1,7 +1,8 @@
 """Planted instances: the teacher is the base model plus low-rank updates of known ranks; the optimum is known.
 
 The student (base + LoRA) learns to match the teacher's outputs on random token sequences: KL on the
-next-token distribution for causal LMs, MSE on the last hidden states for encoders. The oracle
+next-token distribution for causal LMs, on the decoder's distribution for encoder-decoders (random encoder
+inputs and decoder targets), MSE on the last hidden states for encoders. The oracle
 allocation gives each perturbed module exactly its planted rank.
 """
 
@@ -16,8 +17,14 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from strato_env.config import TaskConfig
-from strato_env.models import TargetModule, is_causal_lm
-from strato_env.tasks.base import TaskData, distillation_kl_loss, hidden_state_mse_loss
+from strato_env.models import TargetModule, is_causal_lm, is_seq2seq
+from strato_env.tasks.base import (
+    Batch,
+    TaskData,
+    distillation_kl_loss,
+    hidden_state_mse_loss,
+    seq2seq_distillation_kl_loss,
+)
 
 
 def planted_ranks(modules: Sequence[TargetModule], profile: str, rank: int, seed: int) -> dict[str, int]:
@@ -77,11 +84,12 @@ def _perturbed_copy(
 
 
 @torch.no_grad()
-def _teacher_targets(teacher: nn.Module, input_ids: torch.Tensor, causal: bool, chunk: int = 32) -> torch.Tensor:
+def _teacher_targets(teacher: nn.Module, inputs: Batch, hidden: bool, chunk: int = 32) -> torch.Tensor:
+    """The teacher's log-probabilities (causal LMs, encoder-decoders) or last hidden states (encoders)."""
     outputs = []
-    for start in range(0, len(input_ids), chunk):
-        result = teacher(input_ids=input_ids[start : start + chunk])
-        outputs.append(torch.log_softmax(result.logits.float(), -1) if causal else result.last_hidden_state.float())
+    for start in range(0, len(inputs["input_ids"]), chunk):
+        result = teacher(**{k: v[start : start + chunk] for k, v in inputs.items()})
+        outputs.append(result.last_hidden_state.float() if hidden else torch.log_softmax(result.logits.float(), -1))
     return torch.cat(outputs)
 
 
@@ -89,18 +97,23 @@ def build_planted(model: nn.Module, modules: Sequence[TargetModule], config: Tas
     generator = torch.Generator().manual_seed(config.data_seed)
     ranks = planted_ranks(modules, config.profile, config.planted_rank, config.data_seed)
     teacher = _perturbed_copy(model, modules, ranks, config, generator)
-    causal = is_causal_lm(model.config)
+    seq2seq, hidden = is_seq2seq(model.config), not is_causal_lm(model.config) and not is_seq2seq(model.config)
     vocab = model.config.vocab_size
     total = config.train_examples + config.eval_examples
     device = next(model.parameters()).device
-    input_ids = torch.randint(0, vocab, (total, config.seq_len), generator=generator).to(device)
-    targets = _teacher_targets(teacher, input_ids, causal)
+    inputs = {"input_ids": torch.randint(0, vocab, (total, config.seq_len), generator=generator).to(device)}
+    if seq2seq:
+        inputs["decoder_input_ids"] = torch.randint(0, vocab, (total, config.seq_len), generator=generator).to(device)
+    inputs["teacher_hidden" if hidden else "teacher_logprobs"] = _teacher_targets(teacher, inputs, hidden)
     del teacher
-    key = "teacher_logprobs" if causal else "teacher_hidden"
+    if seq2seq:
+        loss = seq2seq_distillation_kl_loss
+    else:
+        loss = hidden_state_mse_loss if hidden else distillation_kl_loss
     split = config.train_examples
     return TaskData(
-        train={"input_ids": input_ids[:split], key: targets[:split]},
-        eval={"input_ids": input_ids[split:], key: targets[split:]},
-        loss=distillation_kl_loss if causal else hidden_state_mse_loss,
+        train={k: v[:split] for k, v in inputs.items()},
+        eval={k: v[split:] for k, v in inputs.items()},
+        loss=loss,
         oracle_ranks=ranks,
     )

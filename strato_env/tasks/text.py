@@ -14,7 +14,7 @@ import torch
 
 from strato_env.config import TaskConfig
 from strato_env.models import hub_unreachable
-from strato_env.tasks.base import TaskData, causal_lm_loss, classification_loss
+from strato_env.tasks.base import TaskData, causal_lm_loss, classification_loss, seq2seq_loss
 
 Tokenize = Callable[[str], list[int]]
 
@@ -56,18 +56,29 @@ def load_rows(config: TaskConfig, split: str = "train"):
     import datasets
 
     path = os.path.expanduser(config.data)
-    builder = "csv" if config.name == "classification" else "text"
+    suffixes = {"causal_lm": (".txt",), "classification": (".csv",), "seq2seq": (".csv", ".jsonl", ".json")}
+    allowed = suffixes[config.name]
     if os.path.isdir(path):
-        suffix = ".csv" if builder == "csv" else ".txt"
-        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(suffix))
+        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(allowed))
         if not files:
-            raise ValueError(f"task.data={config.data!r}: the folder holds no {suffix} file")
-        for file in files:
-            _check_text_file("task.data", file)
-        return datasets.load_dataset(builder, data_files=files, split="train")
-    if os.path.isfile(path):
-        _check_text_file("task.data", path)
-        return datasets.load_dataset(builder, data_files=path, split="train")
+            raise ValueError(f"task.data={config.data!r}: the folder holds no {' or '.join(allowed)} file")
+    elif os.path.isfile(path):
+        files = [path]
+    else:
+        files = []
+    for file in files:
+        _check_text_file("task.data", file)
+    if files:
+        builder = "text" if config.name == "causal_lm" else "csv"
+        if config.name == "seq2seq" and files[0].endswith((".jsonl", ".json")):
+            builder = "json"
+        try:
+            return datasets.load_dataset(builder, data_files=files, split="train")
+        except (ValueError, datasets.exceptions.DatasetGenerationError) as error:
+            what = "it holds no rows" if "corresponds to no data" in str(error) else f"{builder} cannot read it"
+            raise ValueError(
+                f"task.data={config.data!r} is invalid: {what} ({type(error).__name__}: {error})"
+            ) from None
     if config.data.startswith((".", "/", "~")) or config.data.count("/") > 1 or os.path.splitext(path)[1]:
         raise ValueError(f"task.data={config.data!r}: no such local file or folder")
     advice = "Pass a local text file or folder (causal_lm) or CSV file (classification) instead."
@@ -110,12 +121,7 @@ def build_causal_lm(config: TaskConfig, tokenize: Tokenize) -> TaskData:
 
 def classification_rows(config: TaskConfig):
     rows = load_rows(config)
-    for column in (config.text_column, config.label_column):
-        if column not in rows.column_names:
-            raise ValueError(
-                f"task.{'text' if column == config.text_column else 'label'}_column={column!r} is not "
-                f"a column of task.data; columns: {rows.column_names}"
-            )
+    _check_columns(config, rows, ("text_column", "label_column"))
     for row, label in enumerate(rows[config.label_column]):
         if not _is_integer_label(label):
             raise ValueError(
@@ -135,16 +141,58 @@ def _is_integer_label(label: object) -> bool:
     return isinstance(label, str) and label.strip().isdigit()
 
 
+def _check_columns(config: TaskConfig, rows, fields: tuple[str, ...]) -> None:
+    for field in fields:
+        column = getattr(config, field)
+        if column not in rows.column_names:
+            raise ValueError(
+                f"task.{field}={column!r} is invalid: task.data has no such column; its columns: {rows.column_names}"
+            )
+
+
+def seq2seq_rows(config: TaskConfig):
+    rows = load_rows(config)
+    _check_columns(config, rows, ("source_column", "target_column"))
+    if len(rows) == 0:
+        raise ValueError(f"task.data={config.data!r} is invalid: it holds no rows; expected source/target pairs")
+    return rows
+
+
+def _padded(texts: list[str], tokenize: Tokenize, length: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids cut or padded to `length` (at least one real token per row), and the attention mask."""
+    ids = torch.full((len(texts), length), pad)
+    mask = torch.zeros_like(ids)
+    for i, text in enumerate(texts):
+        tokens = tokenize(str(text))[:length] or [pad]
+        ids[i, : len(tokens)] = torch.tensor(tokens)
+        mask[i, : len(tokens)] = 1
+    return ids, mask
+
+
+def build_seq2seq(config: TaskConfig, rows, tokenize: Tokenize, pad_id: int) -> TaskData:
+    """Source -> target pairs for an encoder-decoder; the loss is the model's own on the target tokens."""
+    chosen = _choose(len(rows), config.train_examples + config.eval_examples, config.data_seed, "rows").tolist()
+    sources, targets = rows[config.source_column], rows[config.target_column]
+    input_ids, attention_mask = _padded([sources[i] for i in chosen], tokenize, config.seq_len, pad_id)
+    labels, label_mask = _padded([targets[i] for i in chosen], tokenize, config.seq_len, pad_id)
+    data = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels.masked_fill(label_mask == 0, -100),
+    }
+    split = config.train_examples
+    return TaskData(
+        train={k: v[:split] for k, v in data.items()},
+        eval={k: v[split:] for k, v in data.items()},
+        loss=seq2seq_loss,
+    )
+
+
 def build_classification(config: TaskConfig, rows, tokenize: Tokenize, pad_id: int) -> TaskData:
-    chosen = _choose(len(rows), config.train_examples + config.eval_examples, config.data_seed, "rows")
-    input_ids = torch.full((len(chosen), config.seq_len), pad_id)
-    attention_mask = torch.zeros_like(input_ids)
+    chosen = _choose(len(rows), config.train_examples + config.eval_examples, config.data_seed, "rows").tolist()
     texts, labels = rows[config.text_column], rows[config.label_column]
-    for i, index in enumerate(chosen.tolist()):
-        ids = tokenize(str(texts[index]))[: config.seq_len] or [pad_id]
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        attention_mask[i, : len(ids)] = 1
-    label_tensor = torch.tensor([int(labels[i]) for i in chosen.tolist()])
+    input_ids, attention_mask = _padded([texts[i] for i in chosen], tokenize, config.seq_len, pad_id)
+    label_tensor = torch.tensor([int(labels[i]) for i in chosen])
     data = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_tensor}
     split = config.train_examples
     return TaskData(

@@ -1,3 +1,7 @@
+import io
+import json
+import zipfile
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +18,7 @@ from agents.ppo.train import (
     build_algorithm,
     load_policy,
     parallel_env,
+    policy_bytes,
     save_policy,
 )
 from strato_env.env import GROW, SHRINK, RankAllocationEnv
@@ -177,3 +182,16 @@ def test_training_beats_the_untrained_policy():
     trained = returns()
     margin = trained.mean() - untrained.mean()
     assert margin > 0.5 and margin > 4 * max(untrained.std(), trained.std()), (untrained, trained)
+
+
+def test_a_policy_saved_under_another_observation_layout_is_refused(gpt2_env, tmp_path):
+    model = build_algorithm("maskable_ppo", PPOConfig(**TINY_PPO), gpt2_env, seed=0)
+    assert type(load_policy(policy_bytes(model))) is type(model)
+    old = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(policy_bytes(model))) as source, zipfile.ZipFile(old, "w") as target:
+        for item in source.namelist():
+            data = source.read(item)
+            target.writestr(item, json.dumps({"algorithm": "maskable_ppo"}) if item == "strato.json" else data)
+    (tmp_path / "v0.zip").write_bytes(old.getvalue())  # written before the layout had a version: v0
+    with pytest.raises(ValueError, match=r"v0.zip was trained on observation layout v0; this strato_env writes v1"):
+        load_policy(tmp_path / "v0.zip")
