@@ -261,9 +261,8 @@ def _layer_of(name: str) -> int:
     return int(match.group(1)) if match else 0
 
 
-def _stack_of(name: str, model: nn.Module) -> str:
+def _stack_of(name: str, config: PretrainedConfig | None) -> str:
     """'encoder' for the encoder of an encoder-decoder and for encoder-only models, else 'decoder'."""
-    config = getattr(model, "config", None)
     if config is not None and is_seq2seq(config):
         return "encoder" if name.startswith("encoder.") else "decoder"
     return "encoder" if config is not None and config.model_type in ENCODER_TYPES else "decoder"
@@ -273,12 +272,12 @@ def find_target_modules(model: nn.Module, override: list[str] | str | None = Non
     """The modules LoRA may adapt, in model order.
 
     `override` is a list of module-name suffixes (matched at a dot boundary) or one regex searched in full
-    names; by default the rules of the GPT-2, Llama and BERT families apply.
+    names; by default the rules of the GPT-2, Llama, BERT and T5 families apply.
     """
     candidates = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear | Conv1D)]
     if override is None:
         chosen = [(n, m) for n, m in candidates if _kind_of(n) != "other"]
-        what = "the GPT-2, Llama and BERT module rules"
+        what = "the GPT-2, Llama, BERT and T5 module rules"
     elif isinstance(override, str):
         pattern = re.compile(override)
         chosen = [(n, m) for n, m in candidates if pattern.search(n)]
@@ -292,10 +291,12 @@ def find_target_modules(model: nn.Module, override: list[str] | str | None = Non
             f"no target modules matched {what} in {type(model).__name__}; pass target_modules as a list of "
             "module-name suffixes or a regex over Linear/Conv1D module names"
         )
-    # an encoder-decoder's decoder blocks come after its encoder blocks, so depth runs over both stacks
-    encoder_layers = 1 + max((_layer_of(n) for n, _ in chosen if _stack_of(n, model) == "encoder"), default=-1)
-    offset = encoder_layers if is_seq2seq(getattr(model, "config", PretrainedConfig())) else 0
-    layers = {n: _layer_of(n) + (offset if _stack_of(n, model) == "decoder" else 0) for n, _ in chosen}
+    config = getattr(model, "config", None)
+    stacks = {n: _stack_of(n, config) for n, _ in chosen}
+    layers = {n: _layer_of(n) for n, _ in chosen}
+    if config is not None and is_seq2seq(config):  # the decoder's blocks follow the encoder's: depth over both
+        offset = 1 + max((layers[n] for n in layers if stacks[n] == "encoder"), default=-1)
+        layers = {n: layer + (offset if stacks[n] == "decoder" else 0) for n, layer in layers.items()}
     n_layers = max(layers.values()) + 1
     modules = []
     for name, module in chosen:
@@ -309,7 +310,7 @@ def find_target_modules(model: nn.Module, override: list[str] | str | None = Non
                 depth,
                 in_features,
                 out_features,
-                stack=_stack_of(name, model),
+                stack=stacks[name],
                 cross_attention=".EncDecAttention." in name,
             )
         )
