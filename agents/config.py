@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from agents.go_explore import GoExploreConfig
 from agents.methods import method, trainable_agents
@@ -18,7 +19,10 @@ from strato_env.config import EnvConfig, TaskConfig, field_docs, from_dict
 
 def merge(*configs: dict[str, Any]) -> dict[str, Any]:
     """The configs merged left to right: nested mappings (e.g. `task`) key by key, anything else replaced."""
-    return OmegaConf.to_container(OmegaConf.merge(*configs), resolve=True)
+    try:
+        return OmegaConf.to_container(OmegaConf.merge(*configs), resolve=True)
+    except (TypeError, ValueError, OmegaConfBaseException) as error:  # e.g. a mapping over a list
+        raise ValueError(f"the overrides do not fit the config: {error}".splitlines()[0]) from None
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -107,7 +111,7 @@ class TrainConfig(InstanceSet):
                 raise ValueError(f"{section}: does not apply to agent={self.agent!r}; remove it")
             if used:
                 try:
-                    setattr(self, section, agent.parse_options(value or {}, f"{section}."))
+                    setattr(self, section, agent.parse_options({} if value is None else value, f"{section}."))
                 except ValueError as error:
                     raise ValueError(f"{error} (agent={self.agent})") from None
         check_instances(self)

@@ -57,11 +57,15 @@ class Method:
 
     def parse_options(self, values: dict[str, Any] | Any, where: str) -> Any:
         """`values` as the method's typed options; unknown keys and bad values raise, naming `where`."""
-        if isinstance(values, self.options):
+        if type(values) is self.options:
             return values
         if not isinstance(values, dict):
             raise ValueError(f"{where.rstrip('.')}={values!r} is invalid: expected a mapping of {self.name} options")
-        return from_dict(self.options, values, where=where)
+        try:
+            return from_dict(self.options, values, where=where)
+        except ValueError as error:  # a bad value: name it as the config does
+            message = str(error)
+            raise ValueError(message if message.startswith("unknown key") else where + message) from None
 
 
 def _baseline(function: Callable[..., SearchResult]) -> Search:

@@ -8,6 +8,12 @@ import tempfile
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
     """Write `data` to `path` through a temporary file in the same folder, flushed to disk, then renamed."""
     path = Path(path)
@@ -18,6 +24,7 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
             file.write(data.encode() if isinstance(data, str) else data)
             file.flush()
             os.fsync(file.fileno())
+        os.chmod(staging, 0o666 & ~_umask())  # as an ordinary open() would create it (mkstemp makes it 0600)
         os.replace(staging, path)
     except BaseException:
         Path(staging).unlink(missing_ok=True)

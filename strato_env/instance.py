@@ -58,26 +58,23 @@ def instance_key(config: EnvConfig) -> str:
 
 
 def _check_task_fits_model(task: str, model: str, config: PretrainedConfig) -> None:
-    if task == "seq2seq" and not is_seq2seq(config):
-        raise ValueError(
-            f"task.name='seq2seq' is invalid for model={model!r}: it needs an encoder-decoder (e.g. t5-tiny)"
-        )
-    if task == "causal_lm" and not is_causal_lm(config):
-        raise ValueError(
-            f"task.name='causal_lm' is invalid for model={model!r}: it needs a decoder-only model; "
-            "allowed for this model: planted, classification" + (", seq2seq" if is_seq2seq(config) else "")
-        )
+    """Reject a task family the model's family cannot run, naming the tasks it can."""
+    allowed = ["planted", "seq2seq"] if is_seq2seq(config) else ["planted", "classification"]
+    if is_causal_lm(config):
+        allowed.append("causal_lm")
+    if task not in allowed:
+        raise ValueError(f"task.name={task!r} is invalid for model={model!r}; allowed for this model: {allowed}")
 
 
 def _build(config: EnvConfig) -> Instance:
     task = config.task
     is_preset = config.model in TINY_PRESETS
+    _check_task_fits_model(task.name, config.model, load_config(config.model))  # before reading any data
     if task.name == "classification":
         rows = classification_rows(task)  # read the data before loading any weights
         num_labels = max(int(label) for label in rows[task.label_column]) + 1
         model = load_model(config.model, config.model_seed, task="classification", num_labels=num_labels)
     else:
-        _check_task_fits_model(task.name, config.model, load_config(config.model))  # before reading any data
         rows = seq2seq_rows(task) if task.name == "seq2seq" else None
         model = load_model(config.model, config.model_seed)
     model.to(config.device)

@@ -264,7 +264,7 @@ def _layer_of(name: str) -> int:
 def _stack_of(name: str, config: PretrainedConfig | None) -> str:
     """'encoder' for the encoder of an encoder-decoder and for encoder-only models, else 'decoder'."""
     if config is not None and is_seq2seq(config):
-        return "encoder" if name.startswith("encoder.") else "decoder"
+        return "encoder" if re.search(r"(^|\.)encoder\.", name) else "decoder"
     return "encoder" if config is not None and config.model_type in ENCODER_TYPES else "decoder"
 
 

@@ -46,7 +46,9 @@ def check_number(
     )
     if not inside:
         left, right = "(" if low_open else "[", ")" if high_open else "]"
-        if high == math.inf:
+        if high == math.inf and low == -math.inf:
+            allowed = "a finite number"
+        elif high == math.inf:
             allowed = f"a finite number {'>' if low_open else '>='} {low:g}"
         else:
             allowed = f"a number in {left}{low:g}, {high:g}{right}"

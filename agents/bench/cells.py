@@ -86,10 +86,10 @@ def train_policy(config: BenchConfig, method: str, seed: int) -> dict[str, Any]:
     # in process, where the envs count the optimizer steps; the grid itself runs cells in parallel
     settings = from_dict(type(options), vars(options) | {"total_timesteps": timesteps, "n_envs": 1})
     envs = [config.make_env(instance) for instance in config.train_instances]
-    before = sum(env.total_optimizer_steps for env in envs)
+    before = [env.total_optimizer_steps for env in envs]
     model = build_algorithm(method, settings, round_robin(envs), seed)
     model.learn(timesteps)
-    steps = sum(env.total_optimizer_steps - before + env.probe_optimizer_steps for env in envs)
+    steps = sum(env.total_optimizer_steps - b + env.probe_optimizer_steps for env, b in zip(envs, before, strict=True))
     return {"optimizer_steps": steps, "policy": policy_bytes(model)}
 
 

@@ -56,11 +56,11 @@ class PolicyConfig:
 
     def __post_init__(self) -> None:
         for name in ("total_timesteps", "n_envs", "n_steps", "hidden"):
-            check_int(f"ppo.{name}", getattr(self, name), 1)
+            check_int(name, getattr(self, name), 1)
         for name in ("learning_rate", "gamma", "gae_lambda"):
-            check_number(f"ppo.{name}", getattr(self, name), 0, 1, low_open=True)
-        check_number("ppo.grow_bias", self.grow_bias)
-        check_number("ppo.ent_coef", self.ent_coef, 0)
+            check_number(name, getattr(self, name), 0, 1, low_open=True)
+        check_number("grow_bias", self.grow_bias)
+        check_number("ent_coef", self.ent_coef, 0)
 
     def algorithm_kwargs(self) -> dict[str, Any]:
         """The SB3 constructor arguments these settings give."""
@@ -81,9 +81,9 @@ class PPOConfig(PolicyConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_int("ppo.batch_size", self.batch_size, 1)
-        check_int("ppo.n_epochs", self.n_epochs, 1)
-        check_number("ppo.clip_range", self.clip_range, 0, 1, low_open=True)
+        check_int("batch_size", self.batch_size, 1)
+        check_int("n_epochs", self.n_epochs, 1)
+        check_number("clip_range", self.clip_range, 0, 1, low_open=True)
 
     def algorithm_kwargs(self) -> dict[str, Any]:
         ppo_only = {"batch_size": self.batch_size, "n_epochs": self.n_epochs, "clip_range": self.clip_range}

@@ -97,7 +97,8 @@ def build_planted(model: nn.Module, modules: Sequence[TargetModule], config: Tas
     generator = torch.Generator().manual_seed(config.data_seed)
     ranks = planted_ranks(modules, config.profile, config.planted_rank, config.data_seed)
     teacher = _perturbed_copy(model, modules, ranks, config, generator)
-    seq2seq, hidden = is_seq2seq(model.config), not is_causal_lm(model.config) and not is_seq2seq(model.config)
+    seq2seq = is_seq2seq(model.config)
+    hidden = not seq2seq and not is_causal_lm(model.config)
     vocab = model.config.vocab_size
     total = config.train_examples + config.eval_examples
     device = next(model.parameters()).device

@@ -47,7 +47,7 @@ def _check_text_file(field: str, path: str) -> None:
         if error.start < len(head) - 4:  # not merely a character cut at the end of the sample
             raise ValueError(
                 f"{field}={path!r} is invalid: it is not UTF-8 text (binary data at byte {error.start}); "
-                "expected a text file (causal_lm) or a CSV file (classification)"
+                "expected a text file (causal_lm), a CSV file (classification) or a CSV or JSONL file (seq2seq)"
             ) from None
 
 
@@ -81,7 +81,7 @@ def load_rows(config: TaskConfig, split: str = "train"):
             ) from None
     if config.data.startswith((".", "/", "~")) or config.data.count("/") > 1 or os.path.splitext(path)[1]:
         raise ValueError(f"task.data={config.data!r}: no such local file or folder")
-    advice = "Pass a local text file or folder (causal_lm) or CSV file (classification) instead."
+    advice = "Pass a local text file or folder (causal_lm), CSV file (classification) or CSV / JSONL (seq2seq)."
     if (reason := hub_unreachable()) is not None:
         raise ValueError(
             f"task.data={config.data!r} could not be loaded: it is not a local file or folder and the Hugging Face "

@@ -26,6 +26,7 @@ TINY_RUN = [
     "ppo.n_epochs=1",
     "ppo.n_envs=1",
 ]
+CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
 RUN_FILES = {
     "config.yaml",
     "allocation.json",
@@ -112,6 +113,7 @@ def test_go_explore_run_writes_its_archive(tmp_path):
         (["env.inner_steps=0"], "inner_steps=0 is invalid"),
         (["train_instances=[{model: gpt2-tiny, task: {profile: diagonal}}]"], "task.profile='diagonal'"),
         (["seed=1", "bogus"], "expected key=value"),
+        (["train_instances.0.task.profile=mlp-only"], "train_instances={'0': {'task'"),
     ],
 )
 def test_bad_config_is_rejected_naming_the_key(overrides, message, tmp_path, capsys):
@@ -120,6 +122,14 @@ def test_bad_config_is_rejected_naming_the_key(overrides, message, tmp_path, cap
     assert main(["train", *overrides, f"runs_dir={tmp_path}"]) == 2
     assert message.split("'")[0] in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # rejected before any work: no run folder
+
+
+def test_an_override_that_does_not_fit_the_file_is_a_clear_error(tmp_path, capsys):
+    transfer = str(CONFIGS_DIR / "transfer.yaml")  # its train_instances is a list: a mapping cannot merge into it
+    with pytest.raises(ValueError, match="the overrides do not fit the config"):
+        load_train_config(transfer, ["train_instances.0.task.profile=mlp-only"])
+    assert main(["train", transfer, "train_instances.0.task.profile=mlp-only", f"runs_dir={tmp_path}"]) == 2
+    assert "strato train: error: the overrides do not fit the config" in capsys.readouterr().err
 
 
 def test_yaml_config_file_with_an_unknown_key(tmp_path):
@@ -165,7 +175,7 @@ def test_inspect_lists_modules(capsys):
     assert "cls.predictions" not in out
 
 
-CONFIGS = sorted(Path(__file__).resolve().parents[2].joinpath("configs").glob("*.yaml"))
+CONFIGS = sorted(CONFIGS_DIR.glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", [p for p in CONFIGS if not p.name.startswith("bench_")], ids=lambda p: p.name)

@@ -8,6 +8,7 @@ import torch
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_checker import check_env
 
+from agents.config import load_train_config
 from agents.evaluation import run_policy_episode
 from agents.ppo.policy import SlotActionHead
 from agents.ppo.train import (
@@ -114,12 +115,14 @@ def test_parallel_envs_start_on_different_instances_and_train(gpt2_env):
 def test_bad_ppo_config_names_the_field():
     with pytest.raises(ValueError, match=r"a2c takes a PolicyConfig, not a PPOConfig"):
         build_algorithm("a2c", PPOConfig(), RankAllocationEnv(**TINY), seed=0)
-    with pytest.raises(ValueError, match=r"ppo.gamma=1.5 is invalid"):
+    with pytest.raises(ValueError, match=r"^gamma=1.5 is invalid"):
         PPOConfig(gamma=1.5)
-    with pytest.raises(ValueError, match=r"ppo.n_envs=0 is invalid"):
+    with pytest.raises(ValueError, match=r"^n_envs=0 is invalid"):
         PPOConfig(n_envs=0)
-    with pytest.raises(ValueError, match=r"ppo.grow_bias=nan is invalid"):
+    with pytest.raises(ValueError, match=r"^grow_bias=nan is invalid: expected a finite number$"):
         PPOConfig(grow_bias=float("nan"))
+    with pytest.raises(ValueError, match=r"^ppo.gamma=1.5 is invalid"):  # in a config, the key is named in full
+        load_train_config(None, ["ppo.gamma=1.5"])
 
 
 @pytest.mark.parametrize("grow_bias", [0.0, 2.0])

@@ -139,8 +139,14 @@ def test_bad_seq2seq_data_names_the_field(tmp_path, content, task, message):
         RankAllocationEnv(model="t5-tiny", task={"name": "seq2seq", "data": str(path), **task})
 
 
-def test_tasks_that_do_not_fit_the_family_are_refused(corpus, tmp_path):
-    with pytest.raises(ValueError, match=r"task.name='causal_lm' is invalid for model='t5-tiny'.*seq2seq"):
+def test_tasks_that_do_not_fit_the_family_are_refused(corpus, pairs_csv):
+    t5 = r"; allowed for this model: \['planted', 'seq2seq'\]"
+    with pytest.raises(ValueError, match=r"task.name='causal_lm' is invalid for model='t5-tiny'" + t5):
         RankAllocationEnv(model="t5-tiny", task={"name": "causal_lm", "data": corpus})
-    with pytest.raises(ValueError, match=r"task.name='seq2seq' is invalid for model='gpt2-tiny'"):
-        RankAllocationEnv(task={"name": "seq2seq", "data": corpus})
+    with pytest.raises(ValueError, match=r"task.name='classification' is invalid for model='t5-tiny'" + t5):
+        RankAllocationEnv(model="t5-tiny", task={"name": "classification", "data": pairs_csv})
+    gpt2 = r"; allowed for this model: \['planted', 'classification', 'causal_lm'\]"
+    with pytest.raises(ValueError, match=r"task.name='seq2seq' is invalid for model='gpt2-tiny'" + gpt2):
+        RankAllocationEnv(task={"name": "seq2seq", "data": pairs_csv})
+    with pytest.raises(ValueError, match=r"task.name='causal_lm' is invalid for model='bert-tiny'"):
+        RankAllocationEnv(model="bert-tiny", task={"name": "causal_lm", "data": corpus})
