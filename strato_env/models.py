@@ -150,6 +150,8 @@ def hub_unreachable() -> str | None:
     retries."""
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
+        return None  # through a proxy a direct connection says nothing: let the hub client try
     from huggingface_hub import constants
 
     url = urllib.parse.urlparse(constants.ENDPOINT)

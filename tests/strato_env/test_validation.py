@@ -138,7 +138,8 @@ def test_device_that_is_absent_or_unknown(device, message):
 
 
 def test_unknown_hub_id_fails_at_once_when_the_hub_cannot_be_reached(monkeypatch):
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for name in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # a closed local port
     start = time.perf_counter()
     with pytest.raises(ValueError, match=r"model='no-such-org/no-such-model'.*hub cannot be reached \(127.0.0.1:9"):
