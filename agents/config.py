@@ -14,7 +14,7 @@ from omegaconf.errors import OmegaConfBaseException
 from agents.go_explore import GoExploreConfig
 from agents.methods import method, trainable_agents
 from agents.ppo.train import PPOConfig
-from strato_env.config import EnvConfig, TaskConfig, field_docs, from_dict
+from strato_env.config import EnvConfig, field_docs, from_dict
 
 
 def merge(*configs: dict[str, Any]) -> dict[str, Any]:
@@ -129,15 +129,29 @@ def load_train_config(path: str | None = None, overrides: list[str] | None = Non
     return from_dict(TrainConfig, read_config(path, overrides, "TrainConfig"))
 
 
-def key_lines(prefix: str, cls: type, defaults: Any, skip: tuple[str, ...] = ()) -> list[str]:
-    """`prefix.key=default` and its docstring for each field of dataclass `cls` (recursing into nested ones),
-    except the fields named in `skip`."""
-    docs = field_docs(cls)
+def key_lines(
+    prefix: str,
+    cls: type,
+    defaults: Any = None,
+    skip: tuple[str, ...] = (),
+    sections: dict[str, tuple[type, Any]] | None = None,
+) -> list[str]:
+    """`prefix.key=default` and its docstring for each field of dataclass `cls`, recursing into nested
+    dataclasses and into `sections` (field -> its dataclass and defaults), except the fields named in `skip`.
+    Defaults come from the instance `defaults`, or from the fields themselves."""
+    docs, sections = field_docs(cls), sections or {}
     lines = []
     for f in fields(cls):
         if f.name in skip:
             continue
-        value = getattr(defaults, f.name)
+        if f.name in sections:
+            lines.append(f"  {prefix}{f.name}: {docs.get(f.name, '')}")
+            lines += key_lines(f"{prefix}{f.name}.", *sections[f.name])
+            continue
+        if defaults is not None:
+            value = getattr(defaults, f.name)
+        else:
+            value = f.default_factory() if f.default_factory is not MISSING else f.default
         if is_dataclass(value):
             lines += key_lines(f"{prefix}{f.name}.", type(value), value)
             continue
@@ -150,22 +164,12 @@ def key_lines(prefix: str, cls: type, defaults: Any, skip: tuple[str, ...] = ())
 def config_help(cls: type, sections: dict[str, tuple[type, Any]]) -> str:
     """Every `key=value` that a config of dataclass `cls` accepts, with its default and its docstring;
     `sections` gives the dataclass (and defaults) of nested sections such as `ppo` or `env`."""
-    docs = field_docs(cls)
-    lines = ["config keys (key=value overrides, dotted for nested ones):"]
-    for f in fields(cls):
-        if f.name in sections:
-            section_cls, defaults = sections[f.name]
-            lines.append(f"  {f.name}: {docs.get(f.name, '')}")
-            lines += key_lines(f"{f.name}.", section_cls, defaults)
-        else:
-            default = f.default_factory() if f.default_factory is not MISSING else f.default
-            lines.append(f"  {f.name}={default!r}")
-            if docs.get(f.name):
-                lines.append(f"      {docs[f.name]}")
-    return "\n".join(lines)
+    return "\n".join(
+        ["config keys (key=value overrides, dotted for nested ones):", *key_lines("", cls, sections=sections)]
+    )
 
 
-ENV_SECTION = (EnvConfig, EnvConfig(task=TaskConfig()))
+ENV_SECTION = (EnvConfig, EnvConfig())
 TRAIN_HELP_SECTIONS = {
     "env": ENV_SECTION,
     "ppo": (PPOConfig, PPOConfig()),

@@ -227,20 +227,17 @@ class RankAllocationEnv(gym.Env):
             raise RuntimeError("call reset() before reading data_order")
         return self._episode.order.copy()
 
-    @property
-    def protocol_key(self) -> tuple:
-        """Identifies what training an allocation gives here: the instance and the training protocol (not the
-        budget or the seed). Equal keys give equal losses for the same allocation and seed."""
-        return (self.instance.key, self.config.protocol)
-
     def fresh_base_model(self) -> torch.nn.Module:
         """A private copy of the frozen base model (no adapters), on the env's device."""
         return fresh_model(self.instance)
 
     def episode_randomness(self, seed: int) -> tuple[int, np.ndarray]:
         """(torch generator seed, data order) that an episode started by `reset(seed=seed)` uses."""
+        return self._draw_episode(gym.utils.seeding.np_random(seed)[0])
+
+    def _draw_episode(self, rng: np.random.Generator) -> tuple[int, np.ndarray]:
         rows = self.config.decisions * self.config.inner_steps * self.config.batch_size
-        return episode_randomness(gym.utils.seeding.np_random(seed)[0], self.data.train_size, rows)
+        return episode_randomness(rng, self.data.train_size, rows)
 
     # ---- validation and instance-level caches -------------------------------------------------------------
     def _default_budget(self) -> int:
@@ -329,8 +326,7 @@ class RankAllocationEnv(gym.Env):
         return full
 
     def _start_episode(self, allocation: dict[str, int]) -> None:
-        rows = self.config.decisions * self.config.inner_steps * self.config.batch_size
-        torch_seed, order = episode_randomness(self.np_random, self.data.train_size, rows)
+        torch_seed, order = self._draw_episode(self.np_random)
         self._generator = torch.Generator(device=self.config.device).manual_seed(torch_seed)
         self.lora.reinitialize(allocation, self._generator)
         initial_loss = self.evaluate_loss()
@@ -494,8 +490,8 @@ class RankAllocationEnv(gym.Env):
             "optimizer_steps": self._episode.optimizer_steps,
             "diverged": self._episode.diverged,
         }
-        if self.data.oracle_ranks is not None:
-            info["oracle_allocation"] = dict(self.data.oracle_ranks)
+        if (oracle := self.oracle_allocation) is not None:
+            info["oracle_allocation"] = oracle
             info["oracle_loss"] = self.oracle_loss
         return info
 

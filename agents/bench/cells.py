@@ -108,7 +108,7 @@ def _search(
         return method.search(env, cell.seed, None, options).allocation, 0, []
     probe = probe if method.reads_importance(options) else 0
     cap = config.search_steps - probe
-    if cap < (env.config.inner_steps if cell.method == "go_explore" else 0):
+    if cap < 0:
         raise ValueError(
             f"search_steps={config.search_steps} leaves {cap} optimizer steps to {cell.method} after the importance "
             f"probe ({probe} steps); allowed: raise search_steps"

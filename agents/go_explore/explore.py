@@ -114,6 +114,11 @@ class GoExplore:
         base: Any = env.unwrapped
         rng = np.random.default_rng(seed)
         cost = base.config.inner_steps
+        if self.config.max_optimizer_steps < cost:
+            raise ValueError(
+                f"max_optimizer_steps={self.config.max_optimizer_steps} is invalid: one env step costs inner_steps="
+                f"{cost} optimizer steps; allowed: max_optimizer_steps >= {cost}"
+            )
         metadata = {"seed": seed, "config": asdict(self.config), "cell": repr(self.cell)}
         self.archive = archive = Archive(self.config.improvement_bonus, metadata)
         observation, info = base.reset(seed=seed)

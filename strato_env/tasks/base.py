@@ -25,6 +25,12 @@ class TaskData:
     modules_to_save: list[str] = field(default_factory=list)
     """Modules trained in full besides LoRA (a classification head)."""
 
+    @classmethod
+    def split(cls, rows: Batch, n_train: int, loss: Callable[[nn.Module, Batch], torch.Tensor], **fields) -> TaskData:
+        """The first `n_train` rows of every tensor for training, the rest for evaluation."""
+        train = {k: v[:n_train] for k, v in rows.items()}
+        return cls(train=train, eval={k: v[n_train:] for k, v in rows.items()}, loss=loss, **fields)
+
     @property
     def train_size(self) -> int:
         return len(next(iter(self.train.values())))

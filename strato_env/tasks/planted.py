@@ -111,10 +111,4 @@ def build_planted(model: nn.Module, modules: Sequence[TargetModule], config: Tas
         loss = seq2seq_distillation_kl_loss
     else:
         loss = hidden_state_mse_loss if hidden else distillation_kl_loss
-    split = config.train_examples
-    return TaskData(
-        train={k: v[:split] for k, v in inputs.items()},
-        eval={k: v[split:] for k, v in inputs.items()},
-        loss=loss,
-        oracle_ranks=ranks,
-    )
+    return TaskData.split(inputs, config.train_examples, loss, oracle_ranks=ranks)

@@ -39,16 +39,17 @@ def _check_text_file(field: str, path: str) -> None:
         head = file.read(1 << 16)
     if not head.strip():
         raise ValueError(f"{field}={path!r} is invalid: the file is empty; expected UTF-8 text")
-    try:
-        if b"\0" in head:
-            raise UnicodeDecodeError("utf-8", head, head.index(b"\0"), head.index(b"\0") + 1, "NUL byte")
-        head.decode("utf-8")
-    except UnicodeDecodeError as error:
-        if error.start < len(head) - 4:  # not merely a character cut at the end of the sample
-            raise ValueError(
-                f"{field}={path!r} is invalid: it is not UTF-8 text (binary data at byte {error.start}); "
-                "expected a text file (causal_lm), a CSV file (classification) or a CSV or JSONL file (seq2seq)"
-            ) from None
+    bad = head.find(b"\0")
+    if bad < 0:
+        try:
+            head.decode("utf-8")
+        except UnicodeDecodeError as error:
+            bad = error.start if error.start < len(head) - 4 else -1  # not merely a character cut by the sample
+    if bad >= 0:
+        raise ValueError(
+            f"{field}={path!r} is invalid: it is not UTF-8 text (binary data at byte {bad}); "
+            "expected a text file (causal_lm), a CSV file (classification) or a CSV or JSONL file (seq2seq)"
+        )
 
 
 def load_rows(config: TaskConfig, split: str = "train"):
@@ -69,9 +70,12 @@ def load_rows(config: TaskConfig, split: str = "train"):
     for file in files:
         _check_text_file("task.data", file)
     if files:
-        builder = "text" if config.name == "causal_lm" else "csv"
-        if config.name == "seq2seq" and files[0].endswith((".jsonl", ".json")):
-            builder = "json"
+        builders = {"text" if f.endswith(".txt") else "csv" if f.endswith(".csv") else "json" for f in files}
+        if len(builders) > 1:
+            raise ValueError(
+                f"task.data={config.data!r} is invalid: the folder mixes CSV and JSONL files; keep one kind"
+            )
+        builder = builders.pop()
         try:
             return datasets.load_dataset(builder, data_files=files, split="train")
         except (ValueError, datasets.exceptions.DatasetGenerationError) as error:
@@ -115,8 +119,7 @@ def build_causal_lm(config: TaskConfig, tokenize: Tokenize) -> TaskData:
     n_blocks = len(tokens) // config.seq_len
     blocks = torch.tensor(tokens[: n_blocks * config.seq_len]).view(n_blocks, config.seq_len)
     chosen = blocks[_choose(n_blocks, config.train_examples + config.eval_examples, config.data_seed, "blocks")]
-    split = config.train_examples
-    return TaskData(train={"input_ids": chosen[:split]}, eval={"input_ids": chosen[split:]}, loss=causal_lm_loss)
+    return TaskData.split({"input_ids": chosen}, config.train_examples, causal_lm_loss)
 
 
 def classification_rows(config: TaskConfig):
@@ -153,8 +156,6 @@ def _check_columns(config: TaskConfig, rows, fields: tuple[str, ...]) -> None:
 def seq2seq_rows(config: TaskConfig):
     rows = load_rows(config)
     _check_columns(config, rows, ("source_column", "target_column"))
-    if len(rows) == 0:
-        raise ValueError(f"task.data={config.data!r} is invalid: it holds no rows; expected source/target pairs")
     return rows
 
 
@@ -180,12 +181,7 @@ def build_seq2seq(config: TaskConfig, rows, tokenize: Tokenize, pad_id: int) -> 
         "attention_mask": attention_mask,
         "labels": labels.masked_fill(label_mask == 0, -100),
     }
-    split = config.train_examples
-    return TaskData(
-        train={k: v[:split] for k, v in data.items()},
-        eval={k: v[split:] for k, v in data.items()},
-        loss=seq2seq_loss,
-    )
+    return TaskData.split(data, config.train_examples, seq2seq_loss)
 
 
 def build_classification(config: TaskConfig, rows, tokenize: Tokenize, pad_id: int) -> TaskData:
@@ -194,9 +190,4 @@ def build_classification(config: TaskConfig, rows, tokenize: Tokenize, pad_id: i
     input_ids, attention_mask = _padded([texts[i] for i in chosen], tokenize, config.seq_len, pad_id)
     label_tensor = torch.tensor([int(labels[i]) for i in chosen])
     data = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_tensor}
-    split = config.train_examples
-    return TaskData(
-        train={k: v[:split] for k, v in data.items()},
-        eval={k: v[split:] for k, v in data.items()},
-        loss=classification_loss,
-    )
+    return TaskData.split(data, config.train_examples, classification_loss)

@@ -280,3 +280,8 @@ def test_config_rejects_bad_values(field: str, value: Any) -> None:
         GoExploreConfig(**{field: value})
     with pytest.raises(ValueError, match="depth_bins=0 is invalid"):
         DepthProfileCell(depth_bins=0)
+
+
+def test_a_budget_that_fits_no_env_step_is_refused(env: RankAllocationEnv) -> None:
+    with pytest.raises(ValueError, match=r"max_optimizer_steps=1 is invalid: one env step costs inner_steps=2"):
+        GoExplore(GoExploreConfig(max_optimizer_steps=1)).run(env, seed=0)

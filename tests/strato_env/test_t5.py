@@ -139,6 +139,19 @@ def test_bad_seq2seq_data_names_the_field(tmp_path, content, task, message):
         RankAllocationEnv(model="t5-tiny", task={"name": "seq2seq", "data": str(path), **task})
 
 
+def test_a_seq2seq_folder_of_one_format_is_read_and_a_mixed_one_refused(pairs_csv, tmp_path):
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    pairs = [row.split(",") for row in open(pairs_csv).read().splitlines()[1:]]
+    (folder / "a.jsonl").write_text("".join(json.dumps({"source": s, "target": t}) + "\n" for s, t in pairs))
+    task = {"name": "seq2seq", "data": str(folder), "train_examples": 48, "eval_examples": 16}
+    env = RankAllocationEnv(model="t5-tiny", task=task, **SMALL)
+    assert env.data.train["labels"].shape == (48, 32)
+    (folder / "b.csv").write_text(open(pairs_csv).read())
+    with pytest.raises(ValueError, match=r"task.data='.*pairs' is invalid: the folder mixes CSV and JSONL files"):
+        RankAllocationEnv(model="t5-tiny", task=task | {"data_seed": 1}, **SMALL)
+
+
 def test_tasks_that_do_not_fit_the_family_are_refused(corpus, pairs_csv):
     t5 = r"; allowed for this model: \['planted', 'seq2seq'\]"
     with pytest.raises(ValueError, match=r"task.name='causal_lm' is invalid for model='t5-tiny'" + t5):
