@@ -21,7 +21,7 @@ from torch import nn
 
 from agents.evaluation import uniform_allocation
 from agents.result import SearchResult
-from strato_env.adapters import ADAPTER
+from strato_env.engine import ADAPTER
 from strato_env.config import from_dict
 from strato_env.env import KEEP, RankAllocationEnv
 from strato_env.models import fan_in_fan_out
@@ -320,7 +320,7 @@ def _train_adalora(
     for step in range(1, total_step + 1):
         rows = torch.as_tensor(order[(step - 1) * batch_size : step * batch_size], device=env.config.device)
         batch = {k: v[rows] for k, v in env.data.train.items()}
-        loss = env.data.loss(model, batch) + weight * _orthogonal_regularization(model)
+        loss = env.data.loss(model, batch)[0] + weight * _orthogonal_regularization(model)
         loss.backward()
         optimizer.step()
         model.base_model.update_and_allocate(step)  # after step, before zero_grad: it reads the gradients

@@ -24,17 +24,35 @@ def plain_peft_decision(model, optimizer, env: RankAllocationEnv, rows: np.ndarr
     size = env.config.batch_size
     for step in range(env.config.inner_steps):
         index = torch.as_tensor(rows[step * size : (step + 1) * size])
-        loss = env.data.loss(model, {k: v[index] for k, v in env.data.train.items()})
+        loss = env.data.loss(model, {k: v[index] for k, v in env.data.train.items()})[0]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     with torch.no_grad():
         eval_size = len(env.data.eval["input_ids"])
         total = sum(
-            env.data.loss(model, {k: v[s : s + size] for k, v in env.data.eval.items()}) * min(size, eval_size - s)
+            env.data.loss(model, {k: v[s : s + size] for k, v in env.data.eval.items()})[0] * min(size, eval_size - s)
             for s in range(0, eval_size, size)
         )
     return float(total / eval_size)
+
+
+def plain_peft_model(env: RankAllocationEnv, allocation: dict[str, int]) -> tuple[torch.nn.Module, torch.optim.AdamW]:
+    """A peft LoRA model of the env's base with `allocation`'s ranks (scaling 1, as the env), and its AdamW."""
+    adapted = {name: r for name, r in allocation.items() if r > 0}
+    pattern = {re.escape(n): r for n, r in adapted.items()}
+    base = env.fresh_base_model()
+    config = LoraConfig(
+        r=1,
+        lora_alpha=1,
+        target_modules=sorted(adapted),
+        rank_pattern=pattern,
+        alpha_pattern=dict(pattern),
+        fan_in_fan_out=fan_in_fan_out(base, env.modules),
+    )
+    model = get_peft_model(base, config)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=env.config.learning_rate)
+    return model, optimizer
 
 
 def main() -> None:
@@ -49,17 +67,7 @@ def main() -> None:
     env = RankAllocationEnv(model=args.model)
     allocation = env.oracle_allocation
     adapted = {name: r for name, r in allocation.items() if r > 0}
-    config = LoraConfig(
-        r=1,
-        lora_alpha=1,
-        target_modules=sorted(adapted),
-        rank_pattern={re.escape(n): r for n, r in adapted.items()},
-        alpha_pattern={re.escape(n): r for n, r in adapted.items()},
-    )
-    base = env.fresh_base_model()
-    config.fan_in_fan_out = fan_in_fan_out(base, env.modules)
-    plain = get_peft_model(base, config)
-    optimizer = torch.optim.AdamW([p for p in plain.parameters() if p.requires_grad], lr=env.config.learning_rate)
+    plain, optimizer = plain_peft_model(env, allocation)
     keep = np.full(env.action_space.shape, KEEP)
     per_decision = env.config.inner_steps * env.config.batch_size
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 Batch = dict[str, torch.Tensor]
+Loss = Callable[..., torch.Tensor]
 
 
 @dataclass
@@ -19,14 +20,16 @@ class TaskData:
 
     train: Batch
     eval: Batch
-    loss: Callable[[nn.Module, Batch], torch.Tensor]
+    loss: Loss
+    """The loss of `model` on `batch`, per episode: `loss(model, batch, episodes)` has shape (episodes,), the
+    batch holding the episodes' rows stacked in order."""
     oracle_ranks: dict[str, int] | None = None
     """Planted tasks: the ranks of the teacher's updates, i.e. the optimal allocation."""
     modules_to_save: list[str] = field(default_factory=list)
     """Modules trained in full besides LoRA (a classification head)."""
 
     @classmethod
-    def split(cls, rows: Batch, n_train: int, loss: Callable[[nn.Module, Batch], torch.Tensor], **fields) -> TaskData:
+    def split(cls, rows: Batch, n_train: int, loss: Loss, **fields) -> TaskData:
         """The first `n_train` rows of every tensor for training, the rest for evaluation."""
         train = {k: v[:n_train] for k, v in rows.items()}
         return cls(train=train, eval={k: v[n_train:] for k, v in rows.items()}, loss=loss, **fields)
@@ -36,36 +39,61 @@ class TaskData:
         return len(next(iter(self.train.values())))
 
 
-def distillation_kl_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+def per_episode(values: torch.Tensor, episodes: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of `values` (rows first, the episodes' rows stacked in order) per episode: shape (episodes,).
+    With `weights` (same shape, 0 or 1) a weighted mean, e.g. over the tokens that count."""
+    values = values.reshape(episodes, -1)
+    if weights is None:
+        return values.mean(1)
+    weights = weights.reshape(episodes, -1).to(values.dtype)
+    return (values * weights).sum(1) / weights.sum(1)
+
+
+def _kl_per_token(logits: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
+    student = F.log_softmax(logits.float(), dim=-1)
+    return F.kl_div(student, teacher_logprobs, log_target=True, reduction="none").sum(-1)
+
+
+def distillation_kl_loss(model: nn.Module, batch: Batch, episodes: int = 1) -> torch.Tensor:
     """KL(teacher || student) over next-token distributions, averaged over tokens."""
     logits = model(input_ids=batch["input_ids"]).logits
-    student = F.log_softmax(logits.float(), dim=-1).flatten(0, 1)
-    teacher = batch["teacher_logprobs"].flatten(0, 1)
-    return F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+    return per_episode(_kl_per_token(logits, batch["teacher_logprobs"]), episodes)
 
 
-def seq2seq_distillation_kl_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+def seq2seq_distillation_kl_loss(model: nn.Module, batch: Batch, episodes: int = 1) -> torch.Tensor:
     """KL(teacher || student) over an encoder-decoder's decoder distributions, averaged over decoder tokens."""
     logits = model(input_ids=batch["input_ids"], decoder_input_ids=batch["decoder_input_ids"]).logits
-    student = F.log_softmax(logits.float(), dim=-1).flatten(0, 1)
-    teacher = batch["teacher_logprobs"].flatten(0, 1)
-    return F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+    return per_episode(_kl_per_token(logits, batch["teacher_logprobs"]), episodes)
 
 
-def seq2seq_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """The encoder-decoder's own loss on its labels (padding labels are -100)."""
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+def _token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), reduction="none", ignore_index=-100)
 
 
-def hidden_state_mse_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+def seq2seq_loss(model: nn.Module, batch: Batch, episodes: int = 1) -> torch.Tensor:
+    """The encoder-decoder's token cross-entropy on its labels (padding labels are -100), as the model's own loss."""
+    labels = batch["labels"]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).logits
+    return per_episode(_token_cross_entropy(logits, labels), episodes, labels != -100)
+
+
+def hidden_state_mse_loss(model: nn.Module, batch: Batch, episodes: int = 1) -> torch.Tensor:
     """Mean squared error between the student's and the teacher's last hidden states."""
     hidden = model(input_ids=batch["input_ids"]).last_hidden_state
-    return F.mse_loss(hidden.float(), batch["teacher_hidden"])
+    return per_episode((hidden.float() - batch["teacher_hidden"]).square(), episodes)
 
 
-def causal_lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    return model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+def causal_lm_loss(model: nn.Module, batch: Batch, episodes: int = 1) -> torch.Tensor:
+    """Next-token cross-entropy, averaged over the predicted tokens."""
+    ids = batch["input_ids"]
+    logits = model(input_ids=ids).logits
+    return per_episode(_token_cross_entropy(logits[:, :-1], ids[:, 1:]), episodes)
 
 
-def classification_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+def classification_loss(model: nn.Module, batch: Batch, episodes: int = 1) -> torch.Tensor:
+    """Cross-entropy of the sequence label (squared error for a single-output head, as transformers does)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    labels = batch["labels"]
+    if logits.shape[-1] == 1:
+        return per_episode((logits.squeeze(-1) - labels.float()).square(), episodes)
+    return per_episode(F.cross_entropy(logits, labels, reduction="none"), episodes)

@@ -85,8 +85,8 @@ def test_costs_equal_peft_trainable_parameters(preset):
 
 @pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny", "bert-tiny"])
 def test_flops_and_bytes_of_an_allocation_are_measured(preset, tmp_path):
-    """FLOPs per token: a real forward with the adapters against one without, counted by torch; bytes: the
-    exported adapter's tensors."""
+    """FLOPs per token: a real forward of the adapter the env delivers (as a peft model) against the base,
+    counted by torch; bytes: the exported adapter's tensors."""
     env = RankAllocationEnv(model=preset, decisions=1, inner_steps=1, probe_steps=0, budget=10**6)
     ranks = {m.name: [1, 2, 4, 8, 0, 16][i % 6] for i, m in enumerate(env.modules)}
     _, info = env.reset(seed=0, options={"allocation": ranks})
@@ -98,7 +98,7 @@ def test_flops_and_bytes_of_an_allocation_are_measured(preset, tmp_path):
             model(input_ids=tokens)
         return counter.get_total_flops()
 
-    adapted, base = flops(env.model), flops(env.fresh_base_model())
+    adapted, base = flops(env.peft_model()), flops(env.fresh_base_model())
     assert adapted > base
     assert (adapted - base) / tokens.numel() == info["flops_per_token"]
 
