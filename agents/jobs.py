@@ -13,7 +13,8 @@ from tqdm.auto import tqdm
 
 from agents.config import TrainConfig, merge
 from agents.evaluation import gap_closed, run_policy_episode, uniform_allocation, uniform_loss
-from agents.ppo.train import EpisodeLog, build_algorithm, load_policy, parallel_env, round_robin, save_policy
+from agents.ppo.train import EpisodeLog, build_algorithm, load_policy, save_policy
+from agents.ppo.vec_env import BatchedVecEnv
 from agents.runs import RunFolder, learning_curve, loss_versus_params, rank_heatmap
 from strato_env.config import EnvConfig, from_dict
 from strato_env.env import RankAllocationEnv
@@ -117,20 +118,10 @@ def train(config: TrainConfig) -> Path:
 
 
 def _train_policy(config: TrainConfig, envs: list[RankAllocationEnv], run: RunFolder) -> None:
-    parallel = config.ppo.n_envs > 1
-    env = parallel_env([e.config for e in envs], config.ppo.n_envs) if parallel else round_robin(envs)
+    env = BatchedVecEnv([e.config for e in envs], config.ppo.n_envs)
     model = build_algorithm(config.agent, config.ppo, env, config.seed, tensorboard_log=str(run.path / "tensorboard"))
     rows: list[dict[str, Any]] = []
-    try:
-        model.learn(
-            config.ppo.total_timesteps,
-            callback=EpisodeLog(rows.append),
-            progress_bar=True,
-            tb_log_name=config.agent,
-        )
-    finally:
-        if parallel:
-            env.close()  # the worker processes; the in-process envs are scored below
+    model.learn(config.ppo.total_timesteps, callback=EpisodeLog(rows.append), progress_bar=True, tb_log_name=config.agent)
     save_policy(model, run.path / "policy.zip")
 
     # scoring restores each env's episode, so envs[0] ends holding the policy's trained adapter for export

@@ -34,6 +34,7 @@ import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from safetensors.torch import save_file
 from torch import nn
+from transformers.activations import NewGELUActivation
 
 from strato_env.files import replace_folder
 from strato_env.models import TargetModule, fan_in_fan_out
@@ -77,7 +78,8 @@ class LoraSlot(nn.Module):
         xs = x.reshape(lora.episodes, -1, x.shape[-1])
         if lora.active[self.index]:
             A, B = lora.A[self.index], lora.B[self.index]
-            y = y + torch.bmm(torch.bmm(xs, A.transpose(1, 2)), B.transpose(1, 2)).reshape(y.shape)
+            low = torch.bmm(xs, A.transpose(1, 2))
+            y = torch.baddbmm(y.reshape(lora.episodes, -1, y.shape[-1]), low, B.transpose(1, 2)).reshape(y.shape)
         if self.owner.recording is not None:
             if not y.requires_grad:  # nothing trainable upstream: still let dL/dy reach this module
                 y.requires_grad_()
@@ -122,7 +124,8 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 class BatchedModel:
-    """A private copy of the frozen base with every target module and head replaced by a slot.
+    """A private copy of the frozen base with every target module and head replaced by a slot, and
+    activations written as chains of elementwise ops replaced by torch's fused kernel of the same function.
 
     With no adapters installed (`lora` None) it computes the base model exactly."""
 
@@ -133,6 +136,9 @@ class BatchedModel:
         self.lora: BatchedLora | None = None
         self.recording: torch.Tensor | None = None
         self.fan_in_fan_out = fan_in_fan_out(model, self.modules)
+        for name, module in list(model.named_modules()):
+            if type(module) is NewGELUActivation:  # GPT-2's tanh GELU as five elementwise ops: the same in one
+                _replace(model, name, nn.GELU(approximate="tanh"))
         for i, m in enumerate(self.modules):
             _replace(model, m.name, LoraSlot(model.get_submodule(m.name), i, self))
         for i, name in enumerate(self.head_names):
@@ -182,38 +188,60 @@ class BatchedLora:
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
         n, device = episodes, target.device
+        shapes = [(r_max, m.in_features) for m in target.modules] + [(m.out_features, r_max) for m in target.modules]
+        columns = list(range(len(target.modules))) * 2
+        self._initial_heads = []
+        for i in range(len(target.head_names)):
+            head = target.head(i)
+            self._initial_heads += [head.weight.detach().clone()] + ([head.bias.detach().clone()] if head.bias is not None else [])
+        shapes += [tuple(w.shape) for w in self._initial_heads]
+        columns += [len(target.modules)] * len(self._initial_heads)
+        sizes = [math.prod(shape) for shape in shapes]
+        offsets = np.concatenate([[0], np.cumsum(sizes)])
+        self._slices = [slice(int(a), int(b)) for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
 
-        def zeros(*shape: int) -> torch.Tensor:
-            return torch.zeros(*shape, device=device, requires_grad=True)
-
-        self.A = [zeros(n, r_max, m.in_features) for m in target.modules]
-        self.B = [zeros(n, m.out_features, r_max) for m in target.modules]
-        self._initial_heads = [
-            (target.head(i).weight.detach().clone(), None if target.head(i).bias is None else target.head(i).bias.detach().clone())
-            for i in range(len(target.head_names))
-        ]
+        # One flat (episodes x parameters) buffer each for values, gradients and the two Adam moments; the
+        # factors and heads are views into it, so the optimizer is a handful of ops over all of them.
+        self.values = torch.zeros(n, int(offsets[-1]), device=device)
+        self.grads = torch.zeros_like(self.values)
+        self.exp_avg = torch.zeros_like(self.values)
+        self.exp_avg_sq = torch.zeros_like(self.values)
+        self._params = []
+        for where, shape in zip(self._slices, shapes, strict=True):
+            param = self.values[:, where].view(n, *shape).requires_grad_()
+            param.grad = self.grads[:, where].view(n, *shape)  # backward accumulates in place, into `grads`
+            self._params.append(param)
+        self._columns = torch.as_tensor(np.repeat(columns, sizes), device=device)
+        """Per flat parameter: its module, or len(modules) for the heads (the column of `steps`)."""
+        m = len(target.modules)
+        self.A, self.B, heads = self._params[:m], self._params[m : 2 * m], iter(self._params[2 * m :])
         self.heads = [
-            (w.expand(n, *w.shape).clone().requires_grad_(), None if b is None else b.expand(n, *b.shape).clone().requires_grad_())
-            for w, b in self._initial_heads
+            (next(heads), next(heads) if target.head(i).bias is not None else None) for i in range(len(target.head_names))
         ]
-        self.ranks = np.zeros((n, len(target.modules)), dtype=np.int64)
-        self.active = [False] * len(target.modules)
+        self.ranks = np.zeros((n, m), dtype=np.int64)
+        self.active = [False] * m
         """Per module: whether any episode adapts it (if none, its forward skips the low-rank term)."""
-        self.steps = torch.zeros(n, len(target.modules) + 1, dtype=torch.float64, device=device)
-        """AdamW step count per episode and module; the last column counts the heads' steps."""
-        self._params: list[tuple[torch.Tensor, int]] = [(p, j) for j in range(len(self.A)) for p in (self.A[j], self.B[j])]
-        heads_column = len(target.modules)
-        self._params += [(p, heads_column) for pair in self.heads for p in pair if p is not None]
-        self._moments = {id(p): (torch.zeros_like(p, requires_grad=False), torch.zeros_like(p, requires_grad=False)) for p, _ in self._params}
+        self.steps = torch.zeros(n, m + 1, dtype=torch.float64, device=device)
+        """AdamW step count per episode and module (steps it was adapted in); the last column counts the heads'."""
+        for episode in range(n):
+            self._initial_head_values(episode)
 
     @property
     def extra_params(self) -> int:
         """Trained parameters outside LoRA per episode (e.g. a classification head)."""
-        return sum(w[0].numel() + (b[0].numel() if b is not None else 0) for w, b in self.heads)
+        return sum(w.numel() for w in self._initial_heads)
 
     @property
     def trains_anything(self) -> bool:
         return any(self.active) or bool(self.heads)
+
+    @torch.no_grad()
+    def _initial_head_values(self, episode: int) -> None:
+        for param, value in zip(self._params[2 * len(self.A) :], self._initial_heads, strict=True):
+            param[episode] = value
+
+    def _module_slices(self, module: int) -> list[slice]:
+        return [self._slices[module], self._slices[len(self.A) + module]]
 
     # ---- rank changes -------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -232,9 +260,9 @@ class BatchedLora:
             A[episode].zero_()
             B[episode].zero_()
             A[episode, :rank], B[episode, :, :rank] = new_A, new_B
-            for p in (A, B):
-                for moment in self._moments[id(p)]:
-                    moment[episode].zero_()
+            for where in self._module_slices(module):  # the kept directions are a new basis
+                self.exp_avg[episode, where] = 0
+                self.exp_avg_sq[episode, where] = 0
         self.ranks[episode, module] = rank
         self.active[module] = bool(self.ranks[:, module].any())
 
@@ -242,14 +270,9 @@ class BatchedLora:
     def reset(self, episode: int, ranks: Sequence[int], generator: torch.Generator | None = None) -> None:
         """Fresh adapters for one episode at `ranks` (one per module, grown in module order from `generator`),
         the initial head weights and a fresh optimizer state."""
-        for p, _ in self._params:
-            p[episode].zero_()
-            for moment in self._moments[id(p)]:
-                moment[episode].zero_()
-        for (w, b), (w0, b0) in zip(self.heads, self._initial_heads, strict=True):
-            w[episode] = w0
-            if b is not None:
-                b[episode] = b0
+        for buffer in (self.values, self.exp_avg, self.exp_avg_sq):
+            buffer[episode] = 0
+        self._initial_head_values(episode)
         self.steps[episode] = 0
         self.ranks[episode] = 0
         self.active = [bool(self.ranks[:, j].any()) for j in range(len(self.A))]
@@ -260,56 +283,62 @@ class BatchedLora:
     def backward_and_step(self, losses: torch.Tensor, training: Sequence[int]) -> None:
         """Backpropagate the sum of the `training` episodes' losses and take one AdamW step for each of them;
         the other episodes are left exactly as they were."""
-        if not self.trains_anything or not len(training):
+        training = list(training)
+        if not self.trains_anything or not training:
             return
-        losses[list(training)].sum().backward()
-        mask = torch.zeros(self.episodes, dtype=torch.float64, device=self.steps.device)
-        mask[list(training)] = 1.0
-        columns = torch.cat([torch.as_tensor(self.ranks > 0, device=mask.device), torch.ones(self.episodes, 1, dtype=torch.bool, device=mask.device)], 1)
-        taking = mask[:, None] * columns
-        self.steps += taking
-        self._adamw(taking)
+        self.grads.zero_()
+        with warnings.catch_warnings():  # the gradients are views into `grads`: a layout torch may warn about
+            warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
+            losses[training].sum().backward()
+        adapted = torch.as_tensor(np.concatenate([self.ranks > 0, np.ones((self.episodes, 1), bool)], 1))
+        if len(training) < self.episodes:
+            adapted[[e for e in range(self.episodes) if e not in training]] = False
+        self.steps += adapted.to(self.steps)
+        self._adamw(None if len(training) == self.episodes else training)
 
     @torch.no_grad()
-    def _adamw(self, taking: torch.Tensor) -> None:
-        """torch.optim.AdamW's update, with a step count per episode and module (`taking`: 1 where a step is
-        taken)."""
+    def _adamw(self, training: list[int] | None) -> None:
+        """torch.optim.AdamW's update over the flat buffers, with a step count per episode and module (its bias
+        corrections). Unused rank slots hold zeros with zero gradients and moments, so they stay zero; episodes
+        not in `training` (None: all) are left as they were."""
         beta1, beta2 = BETAS
         lr, decay = self.learning_rate, self.weight_decay
         step = self.steps.clamp(min=1)
-        step_size = (lr / (1 - beta1**step)) * taking
-        bias2_root = (1 - beta2**step).sqrt()
-        for p, column in self._params:
-            grad = p.grad
-            p.grad = None
-            if grad is None or not taking[:, column].any():
-                continue
-            shape = (-1,) + (1,) * (p.dim() - 1)
-            t = taking[:, column].to(p.dtype).view(shape)
-            m, v = self._moments[id(p)]
+        step_size = (lr / (1 - beta1**step)).float()[:, self._columns]
+        bias2_root = (1 - beta2**step).sqrt().float()[:, self._columns]
+        values, grads, m, v = self.values, self.grads, self.exp_avg, self.exp_avg_sq
+        if training is None:
             if decay:
-                p.mul_(1 - lr * decay * t)
-            m.lerp_(grad, (1 - beta1) * t)
-            v.mul_(1 - (1 - beta2) * t).add_(grad.square().mul_((1 - beta2) * t))
-            denom = (v.sqrt() / bias2_root[:, column].to(p.dtype).view(shape)).add_(EPS)
-            p.sub_(m / denom * step_size[:, column].to(p.dtype).view(shape))
+                values.mul_(1 - lr * decay)
+            m.lerp_(grads, 1 - beta1)
+            v.mul_(beta2).addcmul_(grads, grads, value=1 - beta2)
+        else:
+            t = torch.zeros(self.episodes, 1, device=values.device)
+            t[training] = 1.0
+            step_size *= t
+            if decay:
+                values.mul_(1 - lr * decay * t)
+            m.lerp_(grads, (1 - beta1) * t)
+            v.mul_(1 - (1 - beta2) * t).addcmul_(grads, grads * ((1 - beta2) * t))
+        denom = v.sqrt().div_(bias2_root).add_(EPS)
+        values.addcdiv_(m * step_size, denom, value=-1)
 
     # ---- snapshots ----------------------------------------------------------------------------------------
     def snapshot(self, episode: int) -> dict[str, Any]:
         """A copy of one episode's factors, heads, ranks and optimizer state."""
         return {
-            "params": [p[episode].detach().clone() for p, _ in self._params],
-            "moments": [tuple(m[episode].clone() for m in self._moments[id(p)]) for p, _ in self._params],
+            "values": self.values[episode].clone(),
+            "exp_avg": self.exp_avg[episode].clone(),
+            "exp_avg_sq": self.exp_avg_sq[episode].clone(),
             "steps": self.steps[episode].clone(),
             "ranks": self.ranks[episode].copy(),
         }
 
     @torch.no_grad()
     def restore(self, episode: int, snapshot: dict[str, Any]) -> None:
-        for (p, _), value, moments in zip(self._params, snapshot["params"], snapshot["moments"], strict=True):
-            p[episode] = value
-            for moment, saved in zip(self._moments[id(p)], moments, strict=True):
-                moment[episode] = saved
+        self.values[episode] = snapshot["values"]
+        self.exp_avg[episode] = snapshot["exp_avg"]
+        self.exp_avg_sq[episode] = snapshot["exp_avg_sq"]
         self.steps[episode] = snapshot["steps"]
         self.ranks[episode] = snapshot["ranks"]
         self.active = [bool(self.ranks[:, j].any()) for j in range(len(self.A))]

@@ -23,7 +23,8 @@ from typing import Any
 from agents.bench.config import BenchConfig
 from agents.evaluation import run_policy_episode
 from agents.methods import METHODS
-from agents.ppo.train import build_algorithm, load_policy, policy_bytes, round_robin
+from agents.ppo.train import build_algorithm, load_policy, policy_bytes
+from agents.ppo.vec_env import BatchedVecEnv
 from strato_env.config import from_dict
 from strato_env.env import RankAllocationEnv
 
@@ -63,18 +64,20 @@ def probe_steps(config: BenchConfig, instance: dict[str, Any]) -> int:
 
 
 def policy_timesteps(config: BenchConfig, n_steps: int) -> int:
-    """Env steps of policy training: whole rollouts of `n_steps` within `search_steps`, less the importance
-    probes of the train instances and of the costliest held-out instance, and less the held-out episode."""
+    """Env steps of policy training: whole rollouts (`n_steps` on each train instance's sub-episode) within
+    `search_steps`, less the importance probes of the train instances and of the costliest held-out instance,
+    and less the held-out episode."""
     inner_steps = config.env_config({}).inner_steps
     probes = sum(probe_steps(config, i) for i in config.train_instances)
     probes += max(probe_steps(config, i) for i in config.test_instances)
     decisions = (config.search_steps - config.episode_steps - probes) // inner_steps
-    timesteps = decisions // n_steps * n_steps
+    rollout = n_steps * len(config.train_instances)
+    timesteps = decisions // rollout * rollout
     if timesteps < 1:
         raise ValueError(
             f"search_steps={config.search_steps} leaves {decisions} training decisions after the importance probes "
-            f"({probes} steps) and the held-out episode, fewer than one rollout (n_steps={n_steps}); "
-            "allowed: raise search_steps or lower n_steps"
+            f"({probes} steps) and the held-out episode, fewer than one rollout (n_steps={n_steps} on each of "
+            f"{len(config.train_instances)} train instances); allowed: raise search_steps or lower n_steps"
         )
     return timesteps
 
@@ -83,13 +86,14 @@ def train_policy(config: BenchConfig, method: str, seed: int) -> dict[str, Any]:
     """Train learned method `method` on the train instances within the step cap; the policy's bytes and cost."""
     options = config.method_options(method)
     timesteps = policy_timesteps(config, options.n_steps)
-    # in process, where the envs count the optimizer steps; the grid itself runs cells in parallel
-    settings = from_dict(type(options), vars(options) | {"total_timesteps": timesteps, "n_envs": 1})
+    # one sub-episode per train instance, trained together by the batched engine
+    n_envs = len(config.train_instances)
+    settings = from_dict(type(options), vars(options) | {"total_timesteps": timesteps, "n_envs": n_envs})
     envs = [config.make_env(instance) for instance in config.train_instances]
-    before = [env.total_optimizer_steps for env in envs]
-    model = build_algorithm(method, settings, round_robin(envs), seed)
+    vec_env = BatchedVecEnv([env.config for env in envs], n_envs)
+    model = build_algorithm(method, settings, vec_env, seed)
     model.learn(timesteps)
-    steps = sum(env.total_optimizer_steps - b + env.probe_optimizer_steps for env, b in zip(envs, before, strict=True))
+    steps = vec_env.total_optimizer_steps + sum(env.probe_optimizer_steps for env in envs)
     return {"optimizer_steps": steps, "policy": policy_bytes(model)}
 
 

@@ -8,7 +8,6 @@ import os
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import gymnasium as gym
@@ -19,11 +18,10 @@ from stable_baselines3 import A2C, PPO
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.policies import ActorCriticPolicy
-from stable_baselines3.common.vec_env import SubprocVecEnv, VecEnv
+from stable_baselines3.common.vec_env import VecEnv
 
 from agents.ppo.policy import MaskableSlotPolicy, SlotPolicy
 from strato_env.config import EnvConfig
-from strato_env.env import RankAllocationEnv
 from strato_env.files import write_atomic
 from strato_env.observation import OBSERVATION_VERSION
 from strato_env.validation import check_int, check_number
@@ -36,10 +34,12 @@ class PolicyConfig:
     total_timesteps: int = 768
     """Env steps (rank decisions, over all parallel envs) to train for: 96 default episodes, so that
     `strato train` with no arguments ends within 10 minutes on 2 CPU cores."""
-    n_envs: int = 2
-    """Envs stepped in parallel, one process and one torch thread each (SB3 `SubprocVecEnv`); 1: in process."""
-    n_steps: int = 16
-    """Env steps per env and rollout before each update (two default episodes)."""
+    n_envs: int = 16
+    """Sub-episodes trained together by the batched engine, one forward pass of the base per optimizer step
+    (`agents.ppo.vec_env.BatchedVecEnv`); sub-episode i plays train instance i % len(train_instances), so at
+    least one per instance."""
+    n_steps: int = 8
+    """Env steps per sub-episode and rollout before each update (one default episode)."""
     learning_rate: float = 3e-3
     """Adam learning rate of the policy."""
     gamma: float = 0.99
@@ -90,44 +90,6 @@ class PPOConfig(PolicyConfig):
         return super().algorithm_kwargs() | ppo_only
 
 
-class RoundRobinEnv(gym.Env):
-    """Several instances behind one env: each reset moves to the next instance (as DACBench does)."""
-
-    def __init__(self, envs: Sequence[RankAllocationEnv]) -> None:
-        if not envs:
-            raise ValueError("RoundRobinEnv needs at least one env")
-        self.envs = list(envs)
-        self.observation_space = self.envs[0].observation_space
-        self.action_space = self.envs[0].action_space
-        for env in self.envs[1:]:
-            if env.observation_space != self.observation_space or env.action_space != self.action_space:
-                raise ValueError("all instances must share max_modules (same observation and action spaces)")
-        self.index = -1
-
-    @property
-    def current(self) -> RankAllocationEnv:
-        return self.envs[self.index]
-
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
-        super().reset(seed=seed)
-        if seed is not None:
-            for offset, env in enumerate(self.envs):
-                env.reset(seed=seed + offset)
-        self.index = (self.index + 1) % len(self.envs)
-        return self.current.reset(options=options) if seed is None else self.current.reset(seed=seed + self.index)
-
-    def step(self, action):
-        return self.current.step(action)
-
-    def action_masks(self) -> np.ndarray:
-        return self.current.action_masks()
-
-
-def round_robin(envs: Sequence[RankAllocationEnv]) -> gym.Env:
-    """The env itself for one instance; a RoundRobinEnv over several."""
-    return RoundRobinEnv(envs) if len(envs) > 1 else envs[0]
-
-
 class RunEndIsTerminal(gym.Wrapper):
     """What a learner sees: the last decision ends the fine-tuning run, so nothing follows it.
 
@@ -140,19 +102,6 @@ class RunEndIsTerminal(gym.Wrapper):
     def step(self, action):
         observation, reward, terminated, truncated, info = self.env.step(action)
         return observation, reward, terminated or truncated, False, info
-
-
-def _worker_env(configs: Sequence[EnvConfig], first: int) -> gym.Env:
-    """The env of one `SubprocVecEnv` worker, built in the worker: instances round robin from `first`."""
-    torch.set_num_threads(1)
-    envs = [RankAllocationEnv(c) for c in [*configs[first:], *configs[:first]]]
-    return RunEndIsTerminal(round_robin(envs))
-
-
-def parallel_env(configs: Sequence[EnvConfig], n_envs: int) -> SubprocVecEnv:
-    """`n_envs` worker processes (spawned: fork hangs once torch has run), worker i starting at instance i."""
-    factories = [partial(_worker_env, list(configs), i % len(configs)) for i in range(n_envs)]
-    return SubprocVecEnv(factories, start_method="spawn")
 
 
 class EpisodeLog(BaseCallback):
@@ -194,9 +143,9 @@ ALGORITHMS: dict[str, tuple[type[BaseAlgorithm], type[ActorCriticPolicy]]] = {
 def build_algorithm(
     algorithm: str, config: PolicyConfig, env: gym.Env | VecEnv, seed: int, tensorboard_log: str | None = None
 ) -> BaseAlgorithm:
-    """The SB3 / sb3-contrib `algorithm` with the slot policy, learning on `env` (a gym env is wrapped in
-    `RunEndIsTerminal`; the workers of `parallel_env` wrap their own). `config` is a PPOConfig for PPO and
-    MaskablePPO and a PolicyConfig for A2C."""
+    """The SB3 / sb3-contrib `algorithm` with the slot policy, learning on `env`: a `BatchedVecEnv` (which
+    reports a run's end as terminal itself) or one gym env (wrapped in `RunEndIsTerminal`). `config` is a
+    PPOConfig for PPO and MaskablePPO and a PolicyConfig for A2C."""
     cls, policy = ALGORITHMS[algorithm]
     expected = PolicyConfig if cls is A2C else PPOConfig
     if type(config) is not expected:

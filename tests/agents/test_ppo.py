@@ -11,19 +11,18 @@ from stable_baselines3.common.env_checker import check_env
 from agents.config import load_train_config
 from agents.evaluation import run_policy_episode
 from agents.ppo.policy import SlotActionHead
+from agents.ppo.vec_env import BatchedVecEnv
 from agents.ppo.train import (
     PolicyConfig,
     PPOConfig,
-    RoundRobinEnv,
     RunEndIsTerminal,
     build_algorithm,
     load_policy,
-    parallel_env,
     policy_bytes,
     save_policy,
 )
 from strato_env.env import GROW, SHRINK, RankAllocationEnv
-from strato_env.observation import PRESENT, module_table
+from strato_env.observation import DECISIONS_LEFT, PRESENT, module_table
 
 TINY = {"decisions": 3, "inner_steps": 1, "probe_steps": 2, "task": {"eval_examples": 16}}
 TINY_PPO = {"n_steps": 30, "batch_size": 15, "n_epochs": 2}
@@ -82,34 +81,42 @@ def test_a_gpt2_policy_runs_unchanged_on_llama_and_bert(gpt2_env):
         assert any(a in (SHRINK, GROW) for step in episode["actions"] for a in step[:modules])
 
 
-def test_round_robin_cycles_instances_and_passes_the_checker():
-    envs = [RankAllocationEnv(**TINY), RankAllocationEnv(model="llama-tiny", **TINY)]
-    cycle = RoundRobinEnv(envs)
-    check_env(cycle, warn=False)
-    seen = []
-    for _ in range(4):
-        cycle.reset()
-        seen.append(cycle.current.config.model)
-    assert seen == ["gpt2-tiny", "llama-tiny", "gpt2-tiny", "llama-tiny"]
+def test_the_batched_vec_env_spreads_instances_and_resets_in_the_same_step():
+    """Sub-episode i plays instance i % 2; the two gpt2 sub-episodes share one batch (one base model)."""
+    configs = [RankAllocationEnv(**TINY).config, RankAllocationEnv(model="llama-tiny", **TINY).config]
+    vec = BatchedVecEnv(configs, n_envs=3)
+    assert sorted(len(members) for _, members in vec.groups) == [1, 2]
+    vec.seed(0)
+    observation = vec.reset()
+    present = module_table(observation["modules"])[:, :, PRESENT].sum(axis=1)
+    assert present.tolist() == [16, 28, 16]
+    masks = np.stack(vec.env_method("action_masks"))
+    assert masks.shape == (3, 3 * configs[0].max_modules)
+    for _ in range(TINY["decisions"]):
+        observation, _, dones, infos = vec.step(np.ones((3, configs[0].max_modules), dtype=np.int64))
+    # the run's end is terminal (nothing follows it), and SB3 gets the next episode's first observation at once
+    assert dones.all() and not any(info["TimeLimit.truncated"] for info in infos)
+    assert all(info["terminal_observation"]["global"][DECISIONS_LEFT] == 0 for info in infos)
+    assert np.all(observation["global"][:, DECISIONS_LEFT] == 1)
+    with pytest.raises(ValueError, match=r"^n_envs=1 is smaller than the 2 training instances.*allowed: n_envs >= 2"):
+        BatchedVecEnv(configs, n_envs=1)
 
 
-@pytest.mark.slow
-def test_parallel_envs_start_on_different_instances_and_train(gpt2_env):
-    configs = [gpt2_env.config, RankAllocationEnv(model="llama-tiny", **TINY).config]
-    vec = parallel_env(configs, n_envs=2)
-    try:
-        observation = vec.reset()
-        present = module_table(observation["modules"])[:, :, PRESENT].sum(axis=1)
-        assert present.tolist() == [16, 28]  # worker i starts at instance i
-        for _ in range(TINY["decisions"]):
-            _, _, dones, infos = vec.step(np.ones((2, gpt2_env.config.max_modules), dtype=np.int64))
-        # the workers report the run's end as terminal (RunEndIsTerminal), so SB3 bootstraps nothing
-        assert dones.all() and not any(info["TimeLimit.truncated"] for info in infos)
-        model = build_algorithm("maskable_ppo", PPOConfig(n_steps=3, batch_size=6, n_epochs=1), vec, seed=0)
-        model.learn(6)
-        assert model.num_timesteps == 6
-    finally:
-        vec.close()
+@pytest.mark.parametrize("algorithm", ["ppo", "maskable_ppo", "a2c"])
+def test_learners_train_on_the_batched_vec_env_reproducibly(algorithm):
+    """A few updates on 4 sub-episodes change the policy; the same seed gives the same policy, bit for bit."""
+    config = PPOConfig(n_steps=3, batch_size=6, n_epochs=2) if algorithm != "a2c" else PolicyConfig(n_steps=3)
+    trained = []
+    for _ in range(2):
+        vec = BatchedVecEnv([RankAllocationEnv(**TINY).config], n_envs=4)
+        model = build_algorithm(algorithm, config, vec, seed=3)
+        before = [p.detach().clone() for p in model.policy.parameters()]
+        model.learn(24)
+        assert model.num_timesteps == 24
+        after = [p.detach().clone() for p in model.policy.parameters()]
+        assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+        trained.append(after)
+    assert all(torch.equal(a, b) for a, b in zip(*trained, strict=True))
 
 
 def test_bad_ppo_config_names_the_field():
