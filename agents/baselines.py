@@ -56,9 +56,12 @@ class RandomOptions:
 
     max_proposals: int = 1000
     """Cap on the allocations drawn (a repeated draw costs no steps)."""
+    batch: int = 8
+    """Allocations trained together per batch by the batched engine (the draws and results do not depend on it)."""
 
     def __post_init__(self) -> None:
         check_int("max_proposals", self.max_proposals, 1)
+        check_int("batch", self.batch, 1)
 
 
 @dataclass
@@ -80,10 +83,14 @@ class TPEOptions:
     """Random proposals before TPE models the losses (Optuna's default; pruned proposals count)."""
     max_proposals: int = 1000
     """Cap on all proposals."""
+    batch: int = 1
+    """Proposals asked before their losses are told, trained together by the batched engine (Optuna's
+    constant liar keeps a batch's proposals apart); 1: TPE sees every loss before its next proposal."""
 
     def __post_init__(self) -> None:
         check_int("n_startup_trials", self.n_startup_trials, 1)
         check_int("max_proposals", self.max_proposals, 1)
+        check_int("batch", self.batch, 1)
 
 
 @dataclass
@@ -144,20 +151,34 @@ class _StaticTrials:
         self.history: list[tuple[int, float]] = []
         self._cache: dict[tuple[int, ...], float] = {}
 
-    def affordable(self) -> bool:
-        return self.steps + self.episode <= self.limit
+    def affordable(self) -> int:
+        """How many more new allocations the step limit pays for."""
+        return (self.limit - self.steps) // self.episode
 
-    def evaluate(self, allocation: dict[str, int]) -> float:
-        """The final loss of `allocation`; a repeated allocation is looked up and costs no steps."""
-        key = tuple(allocation[m.name] for m in self.env.modules)
-        if key not in self._cache:
-            self._cache[key] = self.env.evaluate_allocation(allocation, seed=self.seed)
-            self.steps += self.episode
-        loss = self._cache[key] if math.isfinite(self._cache[key]) else math.inf  # a diverged run ranks last
-        if self.best is None or loss < self.best_loss:
-            self.best, self.best_loss = dict(allocation), loss
-        self.history.append((self.steps, self.best_loss))
-        return loss
+    def _key(self, allocation: dict[str, int]) -> tuple[int, ...]:
+        return tuple(allocation[m.name] for m in self.env.modules)
+
+    def evaluate(self, allocations: list[dict[str, int]]) -> list[float]:
+        """The final loss of each allocation, as if evaluated one after the other: the new ones train together
+        in one batch, each charged one episode at its first place; a repeated allocation is looked up and costs
+        no steps. The caller keeps the new ones within `affordable()`."""
+        new = {self._key(a): a for a in allocations if self.is_new(a)}
+        losses = self.env.evaluate_allocations(list(new.values()), [self.seed] * len(new))
+        self._cache.update(zip(new, losses, strict=True))
+        results = []
+        for allocation in allocations:
+            if new.pop(self._key(allocation), None) is not None:
+                self.steps += self.episode
+            loss = self._cache[self._key(allocation)]
+            loss = loss if math.isfinite(loss) else math.inf  # a diverged run ranks last
+            if self.best is None or loss < self.best_loss:
+                self.best, self.best_loss = dict(allocation), loss
+            self.history.append((self.steps, self.best_loss))
+            results.append(loss)
+        return results
+
+    def is_new(self, allocation: dict[str, int]) -> bool:
+        return self._key(allocation) not in self._cache
 
     def result(self, method: str) -> SearchResult:
         if self.best is None:
@@ -219,15 +240,19 @@ def random_search(
 ) -> SearchResult:
     """Best of random budget-filling allocations (`random_allocation`), one full static trial each.
 
-    Options: `max_proposals` (default 1000) caps the draws, since a repeated draw costs no steps.
+    Options: `max_proposals` (default 1000) caps the draws, since a repeated draw costs no steps; `batch`
+    (default 8) new allocations are trained together by the batched engine.
     """
     settings = _options(RandomOptions, "random", options)
     trials = _StaticTrials(env, seed, max_optimizer_steps)
     rng = np.random.default_rng(seed)
-    for _ in range(settings.max_proposals):
-        if not trials.affordable():
-            break
-        trials.evaluate(random_allocation(env, rng))
+    proposals = 0
+    while proposals < settings.max_proposals and trials.affordable():
+        batch: list[dict[str, int]] = []
+        while proposals < settings.max_proposals and len(batch) < min(settings.batch, trials.affordable()):
+            batch.append(random_allocation(env, rng))
+            proposals += 1
+        trials.evaluate(batch)
     return trials.result("random")
 
 
@@ -411,24 +436,31 @@ def tpe(env: RankAllocationEnv, seed: int = 0, max_optimizer_steps: int | None =
 
     A proposal over budget is told PRUNED without training (0 steps; TPE ranks pruned trials below every
     complete one); a repeated proposal reuses its loss (0 steps). Options: `n_startup_trials` (default 10,
-    Optuna's; pruned proposals count), `max_proposals` (default 1000) caps all proposals.
+    Optuna's; pruned proposals count), `max_proposals` (default 1000) caps all proposals, `batch` (default 1)
+    proposals trained together.
     """
     settings = _options(TPEOptions, "tpe", options)
     trials = _StaticTrials(env, seed, max_optimizer_steps)
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=settings.n_startup_trials)
+        sampler = optuna.samplers.TPESampler(
+            seed=seed, n_startup_trials=settings.n_startup_trials, constant_liar=settings.batch > 1
+        )
         study = optuna.create_study(direction="minimize", sampler=sampler)
-        for _ in range(settings.max_proposals):
-            if not trials.affordable():
-                break
-            trial = study.ask()
-            allocation = {m.name: trial.suggest_categorical(m.name, list(env.ladder)) for m in env.modules}
-            if env.params_of(allocation) > env.budget:
-                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-                continue
-            study.tell(trial, trials.evaluate(allocation))
+        proposals = 0
+        while proposals < settings.max_proposals and trials.affordable():
+            asked: list[tuple[optuna.Trial, dict[str, int]]] = []
+            while proposals < settings.max_proposals and len(asked) < min(settings.batch, trials.affordable()):
+                trial = study.ask()
+                proposals += 1
+                allocation = {m.name: trial.suggest_categorical(m.name, list(env.ladder)) for m in env.modules}
+                if env.params_of(allocation) > env.budget:
+                    study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                    continue
+                asked.append((trial, allocation))
+            for (trial, _), loss in zip(asked, trials.evaluate([a for _, a in asked]), strict=True):
+                study.tell(trial, loss)
     finally:
         optuna.logging.set_verbosity(verbosity)
     return trials.result("tpe")

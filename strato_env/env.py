@@ -239,7 +239,7 @@ class RankAllocationEnv(gym.Env):
         """Final loss of `allocation` kept fixed for a whole episode from `seed` (budget not enforced).
 
         The env's current episode and random state are left as they were."""
-        return self.batch.static_losses(0, [allocation], [seed])[0]
+        return self.evaluate_allocations([allocation], [seed])[0]
 
     def evaluate_allocations(self, allocations: list[dict[str, int]], seeds: list[int]) -> list[float]:
         """`evaluate_allocation` of many allocations (each with its seed), trained together in one batch."""

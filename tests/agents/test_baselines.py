@@ -24,15 +24,15 @@ def env() -> RankAllocationEnv:
 
 @pytest.fixture
 def counted(env: RankAllocationEnv, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[dict[str, int]]]:
-    """Every allocation the baseline trains with `env.evaluate_allocation`."""
+    """Every allocation the baseline trains with `env.evaluate_allocations` (which `evaluate_allocation` calls)."""
     calls: list[dict[str, int]] = []
-    original = env.evaluate_allocation
+    original = env.evaluate_allocations
 
-    def evaluate_allocation(allocation: dict[str, int], seed: int = 0) -> float:
-        calls.append(dict(allocation))
-        return original(allocation, seed)
+    def evaluate_allocations(allocations: list[dict[str, int]], seeds: list[int]) -> list[float]:
+        calls.extend(dict(a) for a in allocations)
+        return original(allocations, seeds)
 
-    monkeypatch.setattr(env, "evaluate_allocation", evaluate_allocation)
+    monkeypatch.setattr(env, "evaluate_allocations", evaluate_allocations)
     yield calls
 
 
@@ -92,11 +92,11 @@ def test_static_search_defaults_and_long_runs(
     def synthetic_loss(allocation: dict[str, int]) -> float:
         return 1.0 / (1.0 + sum(allocation.values()))
 
-    def evaluate_allocation(allocation: dict[str, int], seed: int = 0) -> float:
-        trained.append(dict(allocation))
-        return synthetic_loss(allocation)
+    def evaluate_allocations(allocations: list[dict[str, int]], seeds: list[int]) -> list[float]:
+        trained.extend(dict(a) for a in allocations)
+        return [synthetic_loss(a) for a in allocations]
 
-    monkeypatch.setattr(env, "evaluate_allocation", evaluate_allocation)
+    monkeypatch.setattr(env, "evaluate_allocations", evaluate_allocations)
     assert SEARCHES[method](env, seed=0).optimizer_steps == 4 * EPISODE == EPISODE * len(trained)
 
     trained.clear()
@@ -110,7 +110,7 @@ def test_static_search_defaults_and_long_runs(
 
 def test_static_search_ranks_a_diverged_trial_last(env: RankAllocationEnv, monkeypatch: pytest.MonkeyPatch) -> None:
     losses = iter([float("nan"), 0.5])
-    monkeypatch.setattr(env, "evaluate_allocation", lambda allocation, seed=0: next(losses))
+    monkeypatch.setattr(env, "evaluate_allocations", lambda allocations, seeds: [next(losses) for _ in allocations])
     result = random_search(env, seed=0, max_optimizer_steps=2 * EPISODE)
     assert result.loss == 0.5 and result.history == [(EPISODE, float("inf")), (2 * EPISODE, 0.5)]
 
@@ -171,3 +171,19 @@ def test_bad_options_raise_before_training(
     with pytest.raises(ValueError, match=named):
         BASELINES[method](env, **kwargs)
     assert not counted
+
+
+def test_random_search_in_batches_draws_and_scores_as_one_at_a_time(env: RankAllocationEnv) -> None:
+    """Batching trains the same draws together: same allocations, steps and (to float rounding) losses."""
+    one = random_search(env, seed=2, max_optimizer_steps=3 * EPISODE, batch=1)
+    three = random_search(env, seed=2, max_optimizer_steps=3 * EPISODE, batch=3)
+    assert one.allocation == three.allocation and one.optimizer_steps == three.optimizer_steps == 3 * EPISODE
+    assert [s for s, _ in one.history] == [s for s, _ in three.history]
+    np.testing.assert_allclose([x for _, x in one.history], [x for _, x in three.history], rtol=1e-5)
+
+
+def test_tpe_in_batches_is_seeded_and_within_its_limits(env: RankAllocationEnv, counted: list) -> None:
+    runs = [tpe(env, seed=1, max_optimizer_steps=4 * EPISODE, batch=2, n_startup_trials=2) for _ in range(2)]
+    assert runs[0].allocation == runs[1].allocation and runs[0].history == runs[1].history
+    assert runs[0].optimizer_steps == 4 * EPISODE and len(counted) == 8
+    assert all(env.params_of(allocation) <= env.budget for allocation in counted)
