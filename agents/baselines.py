@@ -21,8 +21,8 @@ from torch import nn
 
 from agents.evaluation import uniform_allocation
 from agents.result import SearchResult
-from strato_env.engine import ADAPTER
 from strato_env.config import from_dict
+from strato_env.engine import ADAPTER
 from strato_env.env import KEEP, RankAllocationEnv
 from strato_env.models import fan_in_fan_out
 from strato_env.observation import IMPORTANCE, module_table

@@ -91,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.items += extra
     from agents import jobs
+    from strato_env.engine import keep_freed_memory
 
+    keep_freed_memory()
     try:
         if args.command in ("train", "bench"):
             config_path = args.items[0] if args.items and "=" not in args.items[0] else None

@@ -121,7 +121,9 @@ def _train_policy(config: TrainConfig, envs: list[RankAllocationEnv], run: RunFo
     env = BatchedVecEnv([e.config for e in envs], config.ppo.n_envs)
     model = build_algorithm(config.agent, config.ppo, env, config.seed, tensorboard_log=str(run.path / "tensorboard"))
     rows: list[dict[str, Any]] = []
-    model.learn(config.ppo.total_timesteps, callback=EpisodeLog(rows.append), progress_bar=True, tb_log_name=config.agent)
+    model.learn(
+        config.ppo.total_timesteps, callback=EpisodeLog(rows.append), progress_bar=True, tb_log_name=config.agent
+    )
     save_policy(model, run.path / "policy.zip")
 
     # scoring restores each env's episode, so envs[0] ends holding the policy's trained adapter for export

@@ -18,9 +18,10 @@ import time
 
 import numpy as np
 import torch
+from env_overhead import plain_peft_decision, plain_peft_model  # this script's folder
 from torch.utils.flop_counter import FlopCounterMode
 
-from env_overhead import plain_peft_decision, plain_peft_model  # this script's folder
+from strato_env.engine import keep_freed_memory
 from strato_env.env import KEEP, RankAllocationEnv
 from strato_env.episodes import evaluate_losses, train_step
 from strato_env.vector import RankAllocationVecEnv
@@ -94,6 +95,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    keep_freed_memory()  # as the strato command does
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = {"model": args.model, "budget": 10**9, "probe_steps": 0, "device": args.device}
@@ -144,8 +146,10 @@ def main() -> None:
     for name, rate in rates.items():
         gflops = f"{flops[name]:10.1f}{flops[name] / roofline:12.0%}" if name in flops else ""
         print(f"{name:<26}{rate:12.2f}{rate / rates['(a) plain peft loop']:9.2f}x{gflops}")
-    print(f"\nLoRA training step {lora_s * 1e3:.1f} ms vs frozen base forward + backward {frozen_s * 1e3:.1f} ms: "
-          f"{lora_s / frozen_s:.2f}x")
+    print(
+        f"\nLoRA training step {lora_s * 1e3:.1f} ms vs frozen base forward + backward {frozen_s * 1e3:.1f} ms: "
+        f"{lora_s / frozen_s:.2f}x"
+    )
     print("peak RSS after each width: " + ", ".join(f"N={w}: {gib:.2f} GiB" for w, gib in memory.items()))
     if "(c) vector env N=16" in rates:
         speedup = rates["(c) vector env N=16"] / rates["(a) plain peft loop"]

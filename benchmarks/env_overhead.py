@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from peft import LoraConfig, get_peft_model
 
+from strato_env.engine import keep_freed_memory
 from strato_env.env import KEEP, RankAllocationEnv
 from strato_env.models import fan_in_fan_out
 
@@ -61,6 +62,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="episodes per side (interleaved)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    keep_freed_memory()  # as the strato command does
     if args.threads:
         torch.set_num_threads(args.threads)
 

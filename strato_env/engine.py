@@ -20,6 +20,7 @@ peft stays the interchange format: `BatchedLora.export` writes a standard peft L
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
 import os
 import re
@@ -43,6 +44,61 @@ ADAPTER = "default"
 BETAS = (0.9, 0.999)
 EPS = 1e-8
 """AdamW's constants, torch's defaults."""
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc to keep large freed blocks instead of returning them to the system (process-wide).
+
+    A training step allocates and frees the same large activation buffers every time; by default glibc maps
+    each one afresh and the kernel faults its pages back in (about 500,000 page faults per second of training
+    at 16 episodes on gpt2-tiny). Raising the mmap and trim thresholds keeps them: about 7% more decisions per
+    second there. The `strato` command and the benchmarks call this; a library user may. Returns whether it
+    applied (glibc only)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    mmap_threshold, trim_threshold = -3, -1  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD of malloc.h
+    return bool(libc.mallopt(mmap_threshold, 1 << 30)) and bool(libc.mallopt(trim_threshold, (1 << 31) - 1))
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on `device` (CUDA: the driver's count; CPU: the kernel's MemAvailable), or
+    None where it cannot be read."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def episode_bytes(modules: Sequence[TargetModule], r_max: int, config: Any, rows: int, tokens: int) -> int:
+    """An estimate of the memory one more episode needs: its adapter state (values, gradients and two Adam
+    moments of every factor at r_max) and the activations of one training step (about 34 floats per token,
+    layer and hidden unit for a transformer block's saved activations, and 4 per token and vocabulary entry
+    for logits, their softmax and gradients)."""
+    state = 4 * 4 * r_max * sum(m.params_per_rank for m in modules)
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "d_model", 0)
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "num_layers", 0)
+    layers += getattr(config, "num_decoder_layers", 0) or 0
+    vocab = getattr(config, "vocab_size", 0) or 0
+    return state + 4 * rows * tokens * (34 * layers * hidden + 4 * vocab)
+
+
+def check_width_fits(episodes: int, each: int, device: torch.device, where: str = "num_envs") -> None:
+    """A ValueError, before anything is allocated, when `episodes` episodes of `each` bytes cannot fit in the
+    memory free on `device` (90% of it, leaving room for the base model's own buffers)."""
+    free = free_memory(device)
+    if free is None or episodes * each <= 0.9 * free:
+        return
+    fits = max(int(0.9 * free // each), 1)
+    raise ValueError(
+        f"{where}={episodes} is too wide for {device}: about {episodes * each / 2**30:.1f} GiB for {episodes} episodes "
+        f"({each / 2**20:.1f} MiB each), {free / 2**30:.1f} GiB free; allowed: {where} <= {fits}"
+    )
 
 
 def truncated_factors(B: torch.Tensor, A: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,7 +200,9 @@ class BatchedModel:
         for i, name in enumerate(self.head_names):
             head = model.get_submodule(name)
             if type(head) is not nn.Linear:
-                raise ValueError(f"trained head {name!r} is a {type(head).__name__}; only nn.Linear heads are supported")
+                raise ValueError(
+                    f"trained head {name!r} is a {type(head).__name__}; only nn.Linear heads are supported"
+                )
             _replace(model, name, HeadSlot(head, i, self))
 
     @property
@@ -193,7 +251,9 @@ class BatchedLora:
         self._initial_heads = []
         for i in range(len(target.head_names)):
             head = target.head(i)
-            self._initial_heads += [head.weight.detach().clone()] + ([head.bias.detach().clone()] if head.bias is not None else [])
+            self._initial_heads += [head.weight.detach().clone()] + (
+                [head.bias.detach().clone()] if head.bias is not None else []
+            )
         shapes += [tuple(w.shape) for w in self._initial_heads]
         columns += [len(target.modules)] * len(self._initial_heads)
         sizes = [math.prod(shape) for shape in shapes]
@@ -216,7 +276,8 @@ class BatchedLora:
         m = len(target.modules)
         self.A, self.B, heads = self._params[:m], self._params[m : 2 * m], iter(self._params[2 * m :])
         self.heads = [
-            (next(heads), next(heads) if target.head(i).bias is not None else None) for i in range(len(target.head_names))
+            (next(heads), next(heads) if target.head(i).bias is not None else None)
+            for i in range(len(target.head_names))
         ]
         self.ranks = np.zeros((n, m), dtype=np.int64)
         self.active = [False] * m
@@ -388,7 +449,10 @@ class BatchedLora:
         """Write one episode's adapter as a peft folder (adapter_config.json + adapter_model.safetensors),
         atomically. `base` is a fresh copy of the frozen base model."""
         model = self.peft_model(episode, base, base_model_name_or_path)
-        state = {key: value.detach().cpu().contiguous() for key, value in get_peft_model_state_dict(model, save_embedding_layers=False).items()}
+        state = {
+            key: value.detach().cpu().contiguous()
+            for key, value in get_peft_model_state_dict(model, save_embedding_layers=False).items()
+        }
         path = os.fspath(path)
         parent = os.path.dirname(os.path.abspath(path))
         os.makedirs(parent, exist_ok=True)

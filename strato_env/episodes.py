@@ -21,7 +21,7 @@ import torch
 from strato_env import observation as obs
 from strato_env.config import EnvConfig
 from strato_env.costs import allocation_cost, cheapest_nonempty
-from strato_env.engine import BatchedLora, BatchedModel
+from strato_env.engine import BatchedLora, BatchedModel, check_width_fits, episode_bytes
 from strato_env.importance import normalized
 from strato_env.instance import Instance, fresh_model, get_instance
 from strato_env.models import MODULE_KINDS
@@ -186,7 +186,13 @@ class EpisodeBatch:
             raise ValueError("configs is empty: an episode batch needs at least one EnvConfig")
         self.configs = list(configs)
         self.config = self.configs[0]
-        instances = [get_instance(c) for c in self.configs]
+        first = get_instance(self.config)
+        c = self.config
+        each = episode_bytes(
+            first.modules, c.rank_ladder[-1], first.model.config, c.batch_size, first.data.train["input_ids"].shape[1]
+        )
+        check_width_fits(len(self.configs), each, torch.device(c.device))
+        instances = [first] + [get_instance(config) for config in self.configs[1:]]
         _check_compatible(self.configs, instances)
         self.modules = instances[0].modules
         if len(self.modules) > self.config.max_modules:
@@ -269,7 +275,13 @@ class EpisodeBatch:
                     probe.reset(j, ranks, torch.Generator(c.device).manual_seed(0))
                 everyone = range(len(self.modules))
                 for step in range(c.probe_steps):
-                    train_step(self.target, probe, self.loss, [self.training_batch(data, order, step)] * len(self.modules), everyone)
+                    train_step(
+                        self.target,
+                        probe,
+                        self.loss,
+                        [self.training_batch(data, order, step)] * len(self.modules),
+                        everyone,
+                    )
                 losses = evaluate_losses(self.target, probe, [data] * len(self.modules), c.batch_size)
                 drops = (initial - losses) / initial if initial > 0 else np.zeros_like(losses)
                 gains = np.where(np.isfinite(drops), np.maximum(drops, 0.0), 0.0)
@@ -284,12 +296,18 @@ class EpisodeBatch:
         orders = []
         for k, (allocation, seed) in enumerate(zip(allocations, seeds, strict=True)):
             torch_seed, order = self._draw_episode(gym.utils.seeding.np_random(seed)[0], data)
-            lora.reset(k, [int(allocation.get(m.name, 0)) for m in self.modules], torch.Generator(c.device).manual_seed(torch_seed))
+            lora.reset(
+                k,
+                [int(allocation.get(m.name, 0)) for m in self.modules],
+                torch.Generator(c.device).manual_seed(torch_seed),
+            )
             orders.append(order)
         steps = c.decisions * c.inner_steps
         everyone = range(len(allocations))
         for step in range(steps):
-            train_step(self.target, lora, self.loss, [self.training_batch(data, order, step) for order in orders], everyone)
+            train_step(
+                self.target, lora, self.loss, [self.training_batch(data, order, step) for order in orders], everyone
+            )
         self.total_optimizer_steps += steps * len(allocations)
         return [float(x) for x in evaluate_losses(self.target, lora, [data] * len(allocations), c.batch_size)]
 
@@ -310,7 +328,9 @@ class EpisodeBatch:
             raise ValueError(f"allocation needs {self.params_of(full)} parameters, over budget={self.subs[i].budget}")
         return full
 
-    def start(self, indices: Sequence[int], seeds: Sequence[int | None], allocations: Sequence[dict[str, int] | None]) -> None:
+    def start(
+        self, indices: Sequence[int], seeds: Sequence[int | None], allocations: Sequence[dict[str, int] | None]
+    ) -> None:
         """Start new episodes of the given sub-episodes (seeded like `gym.Env.reset`; an allocation, if given,
         replaces `initial_rank` everywhere), with one evaluation pass for all of them."""
         for i, seed, allocation in zip(indices, seeds, allocations, strict=True):
@@ -409,7 +429,9 @@ class EpisodeBatch:
             k = self.ladder.index(int(ranks[j]))
             mask[j, SHRINK] = k > 0
             if k + 1 < len(self.ladder):
-                mask[j, GROW] = params + (self.ladder[k + 1] - self.ladder[k]) * m.params_per_rank <= self.subs[i].budget
+                mask[j, GROW] = (
+                    params + (self.ladder[k + 1] - self.ladder[k]) * m.params_per_rank <= self.subs[i].budget
+                )
         return mask.reshape(-1)
 
     def _module_features(self, budget: int) -> np.ndarray:

@@ -48,7 +48,7 @@ class RankAllocationVecEnv(VectorEnv):
         if configs is None:
             if num_envs is None or isinstance(num_envs, bool) or not isinstance(num_envs, int) or num_envs < 1:
                 raise ValueError(f"num_envs={num_envs!r} is invalid: allowed: an integer >= 1")
-            configs = [EnvConfig(**kwargs) for _ in range(num_envs)]
+            configs = [EnvConfig(**kwargs)] * num_envs  # one config, shared: sub-episodes never change it
         elif kwargs or (num_envs is not None and num_envs != len(configs)):
             raise ValueError("pass either configs, or num_envs and EnvConfig keyword arguments, not both")
         self.autoreset_mode = AutoresetMode(autoreset_mode)
@@ -118,7 +118,9 @@ class RankAllocationVecEnv(VectorEnv):
 
     def _observations(self) -> dict[str, np.ndarray]:
         out = create_empty_array(self.single_observation_space, self.num_envs)
-        return concatenate(self.single_observation_space, [self.batch.observation(i) for i in range(self.num_envs)], out)
+        return concatenate(
+            self.single_observation_space, [self.batch.observation(i) for i in range(self.num_envs)], out
+        )
 
     # ---- per sub-episode ----------------------------------------------------------------------------------
     def action_masks(self) -> np.ndarray:

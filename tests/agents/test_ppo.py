@@ -6,12 +6,10 @@ import numpy as np
 import pytest
 import torch
 from stable_baselines3.common.callbacks import BaseCallback
-from stable_baselines3.common.env_checker import check_env
 
 from agents.config import load_train_config
 from agents.evaluation import run_policy_episode
 from agents.ppo.policy import SlotActionHead
-from agents.ppo.vec_env import BatchedVecEnv
 from agents.ppo.train import (
     PolicyConfig,
     PPOConfig,
@@ -21,6 +19,7 @@ from agents.ppo.train import (
     policy_bytes,
     save_policy,
 )
+from agents.ppo.vec_env import BatchedVecEnv
 from strato_env.env import GROW, SHRINK, RankAllocationEnv
 from strato_env.observation import DECISIONS_LEFT, PRESENT, module_table
 

@@ -140,7 +140,9 @@ def test_shrink_keeps_the_truncated_svd_and_resets_the_moments():
     update = (lora.B[j][0] @ lora.A[j][0]).detach()
     U, S, Vh = torch.linalg.svd(update)
     lora.set_rank(0, j, 2)
-    torch.testing.assert_close((lora.B[j][0] @ lora.A[j][0]).detach(), U[:, :2] @ torch.diag(S[:2]) @ Vh[:2], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        (lora.B[j][0] @ lora.A[j][0]).detach(), U[:, :2] @ torch.diag(S[:2]) @ Vh[:2], rtol=1e-4, atol=1e-6
+    )
     assert torch.all(lora.A[j][0, 2:] == 0) and torch.all(lora.B[j][0, :, 2:] == 0)
     for where in (lora._slices[j], lora._slices[n + j]):  # A's and B's moments
         assert torch.all(lora.exp_avg[:, where] == 0) and torch.all(lora.exp_avg_sq[:, where] == 0)

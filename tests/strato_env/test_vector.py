@@ -130,3 +130,23 @@ def test_bad_input_is_refused_before_any_training():
         vec.step(np.ones(64, dtype=np.int64))
     with pytest.raises(ValueError, match=r"actions\[\[1, 3\]\]=7 is invalid: allowed moves are 0"):
         vec.step(np.where(np.arange(128).reshape(2, 64) == 67, 7, 1))
+
+
+def test_disabled_autoreset_resets_only_the_masked_sub_episodes():
+    vec = RankAllocationVecEnv(num_envs=2, autoreset_mode="Disabled", decisions=1, inner_steps=1, probe_steps=0)
+    vec.reset(seed=0)
+    keep = np.ones(vec.action_space.shape, dtype=np.int64)
+    vec.step(keep)
+    with pytest.raises(RuntimeError, match=r"sub-episodes \[0, 1\] have ended; reset them"):
+        vec.step(keep)
+    observations, _ = vec.reset(options={"reset_mask": np.array([False, True])})
+    assert observations["global"][:, DECISIONS_LEFT].tolist() == [0, 1]
+    with pytest.raises(RuntimeError, match=r"sub-episodes \[0\] have ended"):
+        vec.step(keep)
+
+
+def test_a_width_that_cannot_fit_fails_before_any_allocation():
+    with pytest.raises(
+        ValueError, match=r"^num_envs=2000000 is too wide for cpu: about .* GiB .* allowed: num_envs <= \d+"
+    ):
+        RankAllocationVecEnv(num_envs=2_000_000)
