@@ -30,6 +30,9 @@ class GoExploreConfig:
     """moves='modules': chance that a module keeps its rank; otherwise an allowed shrink or grow."""
     improvement_bonus: float = 0.1
     """Extra selection weight per past exploration that found a new or better cell (0 = pure count-based)."""
+    parallel: int = 1
+    """Explorations run together on the batched engine, one forward pass per optimizer step for all (a batch
+    selects its cells before any of them explores); 1: one at a time on the env itself."""
     budget_buckets: int = 4
     """Default cell (DepthProfileCell): buckets of the budget used."""
     depth_bins: int = 4
@@ -43,6 +46,7 @@ class GoExploreConfig:
         check_bool("importance_guided", self.importance_guided)
         check_choice("moves", self.moves, ("modules", "groups"))
         check_int("groups_per_step", self.groups_per_step, 1)
+        check_int("parallel", self.parallel, 1)
         check_number("repeat_probability", self.repeat_probability, 0, 1)
         check_number("improvement_bonus", self.improvement_bonus, 0)
         DepthProfileCell(self.budget_buckets, self.depth_bins)  # validates both

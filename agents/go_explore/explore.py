@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import gymnasium as gym
@@ -14,8 +14,10 @@ from agents.go_explore.archive import Archive, CellEntry
 from agents.go_explore.cells import CellFunction, DepthProfileCell
 from agents.go_explore.config import GoExploreConfig
 from agents.result import SearchResult
-from strato_env.env import GROW, KEEP, SHRINK
+from strato_env.env import GROW, KEEP, SHRINK, check_action
+from strato_env.episodes import EpisodeBatch
 from strato_env.observation import DEPTH, IMPORTANCE, KINDS, PRESENT, module_table
+from strato_env.vector import RankAllocationVecEnv
 
 
 class Policy(Protocol):
@@ -110,7 +112,11 @@ class GoExplore:
         seed: int,
         progress: Callable[[int, float], None] | None = None,
     ) -> SearchResult:
-        """Search until the next env step would exceed `max_optimizer_steps`, or no cell is left to explore."""
+        """Search until the next env step would exceed `max_optimizer_steps`, or no cell is left to explore.
+
+        With `parallel` > 1, that many explorations run together as sub-episodes of one `RankAllocationVecEnv`
+        on the env's instance (one forward pass per optimizer step for all of them); each batch selects its
+        cells first, and its results enter the archive in sub-episode order, so a seed gives one result."""
         base: Any = env.unwrapped
         rng = np.random.default_rng(seed)
         cost = base.config.inner_steps
@@ -123,34 +129,45 @@ class GoExplore:
         self.archive = archive = Archive(self.config.improvement_bonus, metadata)
         observation, info = base.reset(seed=seed)
         archive.add(self._entry(base, observation, info, [], finished=False))
+        if self.config.parallel == 1:
+            explorers: list[Any] = [base]
+        else:
+            batch = RankAllocationVecEnv([base.config] * self.config.parallel, autoreset_mode="Disabled").batch
+            explorers = [SubEpisodeView(batch, i) for i in range(batch.size)]
         spent = 0
         history: list[tuple[int, float]] = []
         limit = self.config.explore_steps if self.config.explore_steps is not None else math.inf
         while spent + cost <= self.config.max_optimizer_steps:
-            source = archive.select(rng)
-            if source is None:
+            room = (self.config.max_optimizer_steps - spent) // cost
+            sources = [s for s in (archive.select(rng) for _ in explorers[:room]) if s is not None]
+            if not sources:
                 break
-            source.times_chosen += 1
-            base.set_state(source.snapshot)
-            observation, trajectory = source.observation, list(source.trajectory)
-            found, taken = False, 0
-            moves: list[Move] = []  # this exploration's group moves (moves='groups')
-            while taken < limit and spent + cost <= self.config.max_optimizer_steps:
-                action = self._action(base, observation, rng, moves)
-                observation, _, terminated, truncated, info = base.step(action)
-                spent, taken = spent + cost, taken + 1
-                trajectory.append([int(a) for a in action])
-                finished = bool(terminated or truncated)
-                cell, score = self.cell(base), _score(info["loss"])
-                if archive.accepts(cell, score, info["optimizer_steps"]):
-                    found |= archive.add(self._entry(base, observation, info, trajectory, finished, cell))
-                if finished:
+            runs = []
+            for explorer, source in zip(explorers, sources, strict=False):
+                source.times_chosen += 1
+                explorer.set_state(source.snapshot)
+                runs.append(_Exploration(explorer, source, source.observation, list(source.trajectory)))
+            while active := [r for r in runs if not r.done and r.taken < limit]:
+                active = active[: (self.config.max_optimizer_steps - spent) // cost]
+                if not active:
                     break
-            if found:  # look the cell up again: a custom cell function may have replaced `source`
-                archive[source.cell].times_improved += 1
-            history.append((spent, archive.best().loss))
-            if progress is not None:
-                progress(*history[-1])
+                actions = [self._action(r.explorer, r.observation, rng, r.moves) for r in active]
+                for run, action, (observation, info, finished) in zip(
+                    active, actions, _step_together([r.explorer for r in active], actions), strict=True
+                ):
+                    run.observation, run.taken, run.done = observation, run.taken + 1, finished
+                    run.trajectory.append([int(a) for a in action])
+                    cell, score = self.cell(run.explorer), _score(info["loss"])
+                    if archive.accepts(cell, score, info["optimizer_steps"]):
+                        entry = self._entry(run.explorer, observation, info, run.trajectory, finished, cell)
+                        run.found |= archive.add(entry)
+                spent += cost * len(active)
+            for run in runs:
+                if run.found:  # look the cell up again: a custom cell function may have replaced `source`
+                    archive[run.source.cell].times_improved += 1
+                history.append((spent, archive.best().loss))
+                if progress is not None:
+                    progress(*history[-1])
         best = archive.best()
         return SearchResult(
             method="go_explore",
@@ -197,6 +214,68 @@ class GoExplore:
             snapshot=None if finished else base.get_state(),
             observation=None if finished else {k: v.copy() for k, v in observation.items()},
         )
+
+
+@dataclass
+class _Exploration:
+    """One exploration in progress: from `source`, by `explorer` (the env, or one sub-episode)."""
+
+    explorer: Any
+    source: CellEntry
+    observation: dict[str, np.ndarray]
+    trajectory: list[list[int]]
+    moves: list[Move] = field(default_factory=list)
+    """This exploration's group moves (moves='groups')."""
+    taken: int = 0
+    done: bool = False
+    found: bool = False
+
+
+class SubEpisodeView:
+    """One sub-episode of an `EpisodeBatch`, with what Go-Explore and its cell functions read of an env."""
+
+    def __init__(self, batch: EpisodeBatch, index: int) -> None:
+        self.batch, self.index = batch, index
+        self.modules, self.ladder = batch.modules, batch.ladder
+        self.budget = batch.subs[index].budget
+
+    @property
+    def unwrapped(self) -> SubEpisodeView:
+        return self
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        return self.batch.ranks(self.index)
+
+    @property
+    def decisions_made(self) -> int:
+        return self.batch.subs[self.index].episode.decision
+
+    def params_of(self, allocation: dict[str, int]) -> int:
+        return self.batch.params_of(allocation)
+
+    def action_masks(self) -> np.ndarray:
+        return self.batch.action_masks(self.index)
+
+    def get_state(self) -> dict[str, Any]:
+        return self.batch.get_state(self.index)
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.batch.set_state(self.index, state)
+
+
+def _step_together(explorers: list[Any], actions: list[np.ndarray]) -> list[tuple[dict, dict, bool]]:
+    """(observation, info, finished) of one step of each explorer: the env itself, or sub-episodes of one batch
+    stepped together."""
+    if not isinstance(explorers[0], SubEpisodeView):
+        observation, _, terminated, truncated, info = explorers[0].step(actions[0])
+        return [(observation, info, bool(terminated or truncated))]
+    batch = explorers[0].batch
+    moves = {e.index: check_action(a, (batch.config.max_modules,)) for e, a in zip(explorers, actions, strict=True)}
+    results = batch.step(moves)
+    return [
+        (batch.observation(e.index), results[e.index][3], results[e.index][1] or results[e.index][2]) for e in explorers
+    ]
 
 
 def _score(loss: float) -> float:

@@ -285,3 +285,24 @@ def test_config_rejects_bad_values(field: str, value: Any) -> None:
 def test_a_budget_that_fits_no_env_step_is_refused(env: RankAllocationEnv) -> None:
     with pytest.raises(ValueError, match=r"max_optimizer_steps=1 is invalid: one env step costs inner_steps=2"):
         GoExplore(GoExploreConfig(max_optimizer_steps=1)).run(env, seed=0)
+
+
+def test_parallel_explorations_are_seeded_within_budget_and_replay_on_the_single_env(env: RankAllocationEnv) -> None:
+    """Four explorations at a time on the batched engine: the budget is used exactly, a seed gives one result,
+    and every archived trajectory replays on the lone env to its recorded allocation and (up to float
+    summation order) loss."""
+    config = GoExploreConfig(max_optimizer_steps=40, explore_steps=2, parallel=4)
+    runs = [GoExplore(config).run(env, seed=SEED) for _ in range(2)]
+    assert runs[0].optimizer_steps == 40 and runs[0].history == runs[1].history
+    assert runs[0].allocation == runs[1].allocation
+    agent = GoExplore(config)
+    result = agent.run(env, seed=SEED)
+    assert len(result.history) == sum(e.times_chosen for e in agent.archive) > 4
+    assert [steps for steps, _ in result.history] == sorted(steps for steps, _ in result.history)
+    for entry in agent.archive:
+        _, info = env.reset(seed=SEED)
+        for action in entry.trajectory:
+            _, _, _, _, info = env.step(np.array(action))
+        assert info["allocation"] == entry.allocation
+        assert info["loss"] == pytest.approx(entry.loss, rel=1e-5)
+    assert env.params_of(result.allocation) <= env.budget
