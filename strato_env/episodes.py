@@ -186,12 +186,10 @@ class EpisodeBatch:
             raise ValueError("configs is empty: an episode batch needs at least one EnvConfig")
         self.configs = list(configs)
         self.config = self.configs[0]
-        first = get_instance(self.config)
-        c = self.config
-        each = episode_bytes(
-            first.modules, c.rank_ladder[-1], first.model.config, c.batch_size, first.data.train["input_ids"].shape[1]
-        )
-        check_width_fits(len(self.configs), each, torch.device(c.device))
+        first, c = get_instance(self.config), self.config
+        tokens = first.data.train["input_ids"].shape[1]
+        self._episode_bytes = episode_bytes(first.modules, c.rank_ladder[-1], first.model.config, c.batch_size, tokens)
+        check_width_fits(len(self.configs), self._episode_bytes, torch.device(c.device))
         instances = [first] + [get_instance(config) for config in self.configs[1:]]
         _check_compatible(self.configs, instances)
         self.modules = instances[0].modules
@@ -264,25 +262,18 @@ class EpisodeBatch:
         if key not in instance.probes:
             data, n = instance.data, instance.data.train_size
             order = np.arange(max(c.probe_steps, 1) * c.batch_size) % n
-            base = self._new_lora(1)
-            norms = train_step(self.target, base, self.loss, [self.training_batch(data, order, 0)], [0], record=True)[0]
+            base = self._new_lora(1)  # rank 0 everywhere, the initial heads
+            initial = float(evaluate_losses(self.target, base, [data], c.batch_size)[0])
+            with self.target.using(base) as model, self.target.recording_weight_gradients(1) as recorded:
+                self.loss(model, self.training_batch(data, order, 0), 1).sum().backward()  # no optimizer step
+            norms = recorded[0].double().cpu().numpy()
             gains = norms
             if c.probe_steps:
-                initial = float(evaluate_losses(self.target, base, [data], c.batch_size)[0])
-                probe = self._new_lora(len(self.modules))
-                for j in range(len(self.modules)):
-                    ranks = [self.ladder[-1] if k == j else 0 for k in range(len(self.modules))]
-                    probe.reset(j, ranks, torch.Generator(c.device).manual_seed(0))
-                everyone = range(len(self.modules))
-                for step in range(c.probe_steps):
-                    train_step(
-                        self.target,
-                        probe,
-                        self.loss,
-                        [self.training_batch(data, order, step)] * len(self.modules),
-                        everyone,
-                    )
-                losses = evaluate_losses(self.target, probe, [data] * len(self.modules), c.batch_size)
+                top = self.ladder[-1]
+                starts = [
+                    ([top if k == j else 0 for k in range(len(self.modules))], 0) for j in range(len(self.modules))
+                ]
+                losses = self._train_apart(data, starts, [order] * len(starts), c.probe_steps)
                 drops = (initial - losses) / initial if initial > 0 else np.zeros_like(losses)
                 gains = np.where(np.isfinite(drops), np.maximum(drops, 0.0), 0.0)
             instance.probes[key] = (norms, gains)
@@ -292,24 +283,31 @@ class EpisodeBatch:
         """Final loss of each allocation kept fixed for a whole episode of sub-episode i's instance, started
         from its seed (budget not enforced), all trained together. Sub-episodes are left as they were."""
         c, data = self.config, self.subs[i].data
-        lora = self._new_lora(len(allocations))
-        orders = []
-        for k, (allocation, seed) in enumerate(zip(allocations, seeds, strict=True)):
+        starts, orders = [], []
+        for allocation, seed in zip(allocations, seeds, strict=True):
             torch_seed, order = self._draw_episode(gym.utils.seeding.np_random(seed)[0], data)
-            lora.reset(
-                k,
-                [int(allocation.get(m.name, 0)) for m in self.modules],
-                torch.Generator(c.device).manual_seed(torch_seed),
-            )
+            starts.append(([int(allocation.get(m.name, 0)) for m in self.modules], torch_seed))
             orders.append(order)
         steps = c.decisions * c.inner_steps
-        everyone = range(len(allocations))
-        for step in range(steps):
-            train_step(
-                self.target, lora, self.loss, [self.training_batch(data, order, step) for order in orders], everyone
-            )
+        losses = self._train_apart(data, starts, orders, steps)
         self.total_optimizer_steps += steps * len(allocations)
-        return [float(x) for x in evaluate_losses(self.target, lora, [data] * len(allocations), c.batch_size)]
+        return [float(x) for x in losses]
+
+    def _train_apart(
+        self, data: TaskData, starts: Sequence[tuple[list[int], int]], orders: Sequence[np.ndarray], steps: int
+    ) -> np.ndarray:
+        """Episodes apart from the sub-episodes, on one instance's `data`, trained together: episode k starts at
+        starts[k] = (rank per module, seed of its adapters' generator) and takes `steps` steps in row order
+        orders[k]. Returns their evaluation losses."""
+        check_width_fits(len(starts), self._episode_bytes, torch.device(self.config.device), where="episodes")
+        lora = self._new_lora(len(starts))
+        for k, (ranks, seed) in enumerate(starts):
+            lora.reset(k, ranks, torch.Generator(self.config.device).manual_seed(seed))
+        everyone = range(len(starts))
+        for step in range(steps):
+            batches = [self.training_batch(data, order, step) for order in orders]
+            train_step(self.target, lora, self.loss, batches, everyone)
+        return evaluate_losses(self.target, lora, [data] * len(starts), self.config.batch_size)
 
     def _draw_episode(self, rng: np.random.Generator, data: TaskData) -> tuple[int, np.ndarray]:
         c = self.config
