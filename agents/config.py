@@ -87,7 +87,8 @@ class TrainConfig(InstanceSet):
     env: dict[str, Any] = field(default_factory=dict)
     """EnvConfig fields shared by every instance (default: the embedded planted gpt2-tiny instance)."""
     train_instances: list[dict[str, Any]] = field(default_factory=lambda: [{}])
-    """Instances trained on, round robin; each is a set of EnvConfig overrides on top of `env`."""
+    """Instances trained on (sub-episode i of `ppo.n_envs` plays instance i modulo their number); each is a set of
+    EnvConfig overrides on top of `env`."""
     test_instances: list[dict[str, Any]] = field(default_factory=list)
     """Held-out instances the trained policy is evaluated on (policies only)."""
     ppo: Any = None

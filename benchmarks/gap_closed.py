@@ -18,6 +18,7 @@ import numpy as np
 from agents.evaluation import gap_closed, run_policy_episode, uniform_loss
 from agents.go_explore import GoExplore, GoExploreConfig
 from agents.ppo.train import load_policy
+from strato_env.engine import keep_freed_memory
 from strato_env.env import RankAllocationEnv
 from strato_env.observation import slots_of
 
@@ -33,11 +34,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--go-explore-seeds", type=int, default=3)
     parser.add_argument("--go-explore-steps", type=int, default=3200, help="search budget in optimizer steps")
+    parser.add_argument(
+        "--go-explore-parallel", type=int, default=GoExploreConfig.parallel, help="explorations run together"
+    )
     parser.add_argument("--policy", default=None, help="policy.zip from `strato train` to evaluate")
     parser.add_argument(
         "--go-explore-policy", default=None, help="policy.zip to explore with (default: random group moves)"
     )
     args = parser.parse_args()
+    keep_freed_memory()  # as the strato command does
     explorer = load_policy(args.go_explore_policy) if args.go_explore_policy else None
 
     env = RankAllocationEnv()
@@ -47,7 +52,7 @@ def main() -> None:
     gaps = []
     for seed in range(args.go_explore_seeds):
         start = time.perf_counter()
-        config = GoExploreConfig(max_optimizer_steps=args.go_explore_steps)
+        config = GoExploreConfig(max_optimizer_steps=args.go_explore_steps, parallel=args.go_explore_parallel)
         result = GoExplore(config, policy=explorer).run(env, seed=seed)
         static = env.evaluate_allocation(result.allocation, seed=0)
         gaps.append(gap_closed(static, uniform, oracle))

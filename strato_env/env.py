@@ -181,6 +181,7 @@ class RankAllocationEnv(gym.Env):
         self.budget = self.batch.subs[0].budget
         self.action_space = spaces.MultiDiscrete([3] * self.config.max_modules)
         self.observation_space = observation_space(self.config.max_modules)
+        self._side_batches: dict[int, EpisodeBatch] = {}
         self.oracle_loss = self.static_loss(self.data.oracle_ranks, seed=0) if self.data.oracle_ranks else None
 
     # ---- public facts about the instance and the episode ---------------------------------------------------
@@ -200,9 +201,17 @@ class RankAllocationEnv(gym.Env):
 
     @property
     def total_optimizer_steps(self) -> int:
-        """Optimizer steps this env has run since construction, over all episodes and `evaluate_allocation`
-        calls (returning to a state with `set_state` runs none)."""
-        return self.batch.total_optimizer_steps
+        """Optimizer steps this env has run since construction, over all episodes, `evaluate_allocation` calls
+        and its `sub_episodes` batches (returning to a state with `set_state` runs none)."""
+        return self.batch.total_optimizer_steps + sum(b.total_optimizer_steps for b in self._side_batches.values())
+
+    def sub_episodes(self, width: int) -> EpisodeBatch:
+        """`width` episodes of this env's instance and protocol trained together on the batched engine, for
+        searches that explore several states at once (e.g. Go-Explore's `parallel`); their optimizer steps count
+        in `total_optimizer_steps`, and `get_state()` states move between them and this env."""
+        if width not in self._side_batches:
+            self._side_batches[width] = EpisodeBatch([self.config] * width)
+        return self._side_batches[width]
 
     @property
     def oracle_allocation(self) -> dict[str, int] | None:

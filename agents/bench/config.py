@@ -29,7 +29,8 @@ class BenchConfig(InstanceSet):
     env: dict[str, Any] = field(default_factory=dict)
     """EnvConfig fields shared by every instance."""
     train_instances: list[dict[str, Any]] = field(default_factory=list)
-    """Instances the learned policies train on, round robin; overrides on top of `env`."""
+    """Instances the learned policies train on, one sub-episode each on the batched engine; overrides on top of
+    `env`."""
     test_instances: list[dict[str, Any]] = field(default_factory=list)
     """Held-out instances: every method runs on each of them (policies only act, without training)."""
     methods: list[str] = field(default_factory=competitors)

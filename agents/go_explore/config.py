@@ -30,9 +30,10 @@ class GoExploreConfig:
     """moves='modules': chance that a module keeps its rank; otherwise an allowed shrink or grow."""
     improvement_bonus: float = 0.1
     """Extra selection weight per past exploration that found a new or better cell (0 = pure count-based)."""
-    parallel: int = 1
-    """Explorations run together on the batched engine, one forward pass per optimizer step for all (a batch
-    selects its cells before any of them explores); 1: one at a time on the env itself."""
+    parallel: int = 8
+    """Explorations run together on the batched engine, one forward pass per optimizer step for all (an
+    explorer whose exploration ends selects its next cell at once; at most one explorer per whole episode that
+    `max_optimizer_steps` pays for); 1: one at a time on the env itself."""
     budget_buckets: int = 4
     """Default cell (DepthProfileCell): buckets of the budget used."""
     depth_bins: int = 4

@@ -17,7 +17,6 @@ from agents.result import SearchResult
 from strato_env.env import GROW, KEEP, SHRINK, check_action
 from strato_env.episodes import EpisodeBatch
 from strato_env.observation import DEPTH, IMPORTANCE, KINDS, PRESENT, module_table
-from strato_env.vector import RankAllocationVecEnv
 
 
 class Policy(Protocol):
@@ -114,9 +113,10 @@ class GoExplore:
     ) -> SearchResult:
         """Search until the next env step would exceed `max_optimizer_steps`, or no cell is left to explore.
 
-        With `parallel` > 1, that many explorations run together as sub-episodes of one `RankAllocationVecEnv`
-        on the env's instance (one forward pass per optimizer step for all of them); each batch selects its
-        cells first, and its results enter the archive in sub-episode order, so a seed gives one result."""
+        With `parallel` > 1, that many explorations (at most one per whole episode the budget pays for) run
+        together as the env's `sub_episodes`, one forward pass per optimizer step for all of them; an explorer
+        whose exploration ends selects its next cell at once, and results enter the archive in explorer order,
+        so a seed gives one result."""
         base: Any = env.unwrapped
         rng = np.random.default_rng(seed)
         cost = base.config.inner_steps
@@ -129,45 +129,54 @@ class GoExplore:
         self.archive = archive = Archive(self.config.improvement_bonus, metadata)
         observation, info = base.reset(seed=seed)
         archive.add(self._entry(base, observation, info, [], finished=False))
-        if self.config.parallel == 1:
+        # no more explorers than whole episodes the budget pays for, so that explorations can reach the end
+        width = min(self.config.parallel, self.config.max_optimizer_steps // (cost * base.config.decisions))
+        if width <= 1:
             explorers: list[Any] = [base]
         else:
-            batch = RankAllocationVecEnv([base.config] * self.config.parallel, autoreset_mode="Disabled").batch
+            batch = base.sub_episodes(width)
             explorers = [SubEpisodeView(batch, i) for i in range(batch.size)]
         spent = 0
         history: list[tuple[int, float]] = []
         limit = self.config.explore_steps if self.config.explore_steps is not None else math.inf
-        while spent + cost <= self.config.max_optimizer_steps:
+        runs: dict[int, _Exploration] = {}  # explorer index -> its exploration in progress
+        exhausted = False  # no cell left to select
+        while True:
             room = (self.config.max_optimizer_steps - spent) // cost
-            sources = [s for s in (archive.select(rng) for _ in explorers[:room]) if s is not None]
-            if not sources:
-                break
-            runs = []
-            for explorer, source in zip(explorers, sources, strict=False):
+            for i, explorer in enumerate(explorers):  # an idle explorer starts from a selected cell
+                if i in runs or exhausted or len(runs) >= room:
+                    continue
+                source = archive.select(rng)
+                if source is None:
+                    exhausted = True
+                    continue
                 source.times_chosen += 1
                 explorer.set_state(source.snapshot)
-                runs.append(_Exploration(explorer, source, source.observation, list(source.trajectory)))
-            while active := [r for r in runs if not r.done and r.taken < limit]:
-                active = active[: (self.config.max_optimizer_steps - spent) // cost]
-                if not active:
-                    break
-                actions = [self._action(r.explorer, r.observation, rng, r.moves) for r in active]
-                for run, action, (observation, info, finished) in zip(
-                    active, actions, _step_together([r.explorer for r in active], actions), strict=True
-                ):
-                    run.observation, run.taken, run.done = observation, run.taken + 1, finished
-                    run.trajectory.append([int(a) for a in action])
-                    cell, score = self.cell(run.explorer), _score(info["loss"])
-                    if archive.accepts(cell, score, info["optimizer_steps"]):
-                        entry = self._entry(run.explorer, observation, info, run.trajectory, finished, cell)
-                        run.found |= archive.add(entry)
-                spent += cost * len(active)
-            for run in runs:
-                if run.found:  # look the cell up again: a custom cell function may have replaced `source`
-                    archive[run.source.cell].times_improved += 1
-                history.append((spent, archive.best().loss))
-                if progress is not None:
-                    progress(*history[-1])
+                runs[i] = _Exploration(explorer, source, source.observation, list(source.trajectory))
+            active = [runs[i] for i in sorted(runs)][:room]
+            if not active:
+                break
+            actions = [self._action(r.explorer, r.observation, rng, r.moves) for r in active]
+            steps = _step_together([r.explorer for r in active], actions)
+            for run, action, (observation, info, finished) in zip(active, actions, steps, strict=True):
+                run.observation, run.taken, run.done = observation, run.taken + 1, finished
+                run.trajectory.append([int(a) for a in action])
+                cell, score = self.cell(run.explorer), _score(info["loss"])
+                if archive.accepts(cell, score, info["optimizer_steps"]):
+                    run.found |= archive.add(
+                        self._entry(run.explorer, observation, info, run.trajectory, finished, cell)
+                    )
+            spent += cost * len(active)
+            out_of_budget = spent + cost > self.config.max_optimizer_steps
+            for i in sorted(runs):
+                run = runs[i]
+                if run.done or run.taken >= limit or out_of_budget:
+                    if run.found:  # look the cell up again: a custom cell function may have replaced `source`
+                        archive[run.source.cell].times_improved += 1
+                    history.append((spent, archive.best().loss))
+                    if progress is not None:
+                        progress(*history[-1])
+                    del runs[i]
         best = archive.best()
         return SearchResult(
             method="go_explore",

@@ -32,7 +32,7 @@ def env() -> RankAllocationEnv:
 
 
 def _run(env: RankAllocationEnv, config: GoExploreConfig, policy: Any = None) -> tuple[GoExplore, Any, int]:
-    """Run a search, counting the env steps it really takes."""
+    """Run a search, counting the env steps it really takes (one exploration at a time: `parallel=1`)."""
     calls = []
     original = env.step
 
@@ -53,7 +53,7 @@ def _run(env: RankAllocationEnv, config: GoExploreConfig, policy: Any = None) ->
 
 @pytest.fixture(scope="module")
 def searched(env: RankAllocationEnv) -> tuple[GoExplore, Any, int]:
-    return _run(env, GoExploreConfig(max_optimizer_steps=BUDGET, explore_steps=2))
+    return _run(env, GoExploreConfig(max_optimizer_steps=BUDGET, explore_steps=2, parallel=1))
 
 
 def test_run_stays_within_budget_and_on_the_ladder(env: RankAllocationEnv, searched: Any) -> None:
@@ -86,7 +86,7 @@ def test_returning_and_replaying_reproduce_recorded_losses(env: RankAllocationEn
 def test_every_archived_trajectory_replays_from_reset(env: RankAllocationEnv) -> None:
     """Each archived trajectory, played from reset with no return, ends at its recorded loss and allocation;
     among them are trajectories found by exploring from a restored (set_state) cell other than the root."""
-    agent, result, _ = _run(env, GoExploreConfig(max_optimizer_steps=24, explore_steps=1))
+    agent, result, _ = _run(env, GoExploreConfig(max_optimizer_steps=24, explore_steps=1, parallel=1))
     restored = [e for e in agent.archive if len(e.trajectory) > 1]  # explore_steps=1: reached after a return
     assert restored, "no exploration started from a restored cell"
     for entry in agent.archive:
@@ -133,7 +133,7 @@ def test_archive_keeps_best_trajectory_per_cell_and_prefers_finished_results() -
 
 def test_same_seed_same_result_and_json_round_trip(env: RankAllocationEnv, searched: Any, tmp_path: Any) -> None:
     agent, result, _ = searched
-    again = GoExplore(GoExploreConfig(max_optimizer_steps=BUDGET, explore_steps=2)).run(env, seed=SEED)
+    again = GoExplore(GoExploreConfig(max_optimizer_steps=BUDGET, explore_steps=2, parallel=1)).run(env, seed=SEED)
     assert again == result
     path = tmp_path / "archive.json"
     agent.archive.save(path)
@@ -161,14 +161,16 @@ class KeepPolicy:
 
 def test_policy_drives_exploration(env: RankAllocationEnv) -> None:
     policy = KeepPolicy()
-    _, result, steps_taken = _run(env, GoExploreConfig(max_optimizer_steps=3, explore_steps=None), policy)
+    _, result, steps_taken = _run(env, GoExploreConfig(max_optimizer_steps=3, explore_steps=None, parallel=1), policy)
     assert len(policy.masks) == steps_taken == 1
     assert all(set(action) == {KEEP} for action in result.trajectory)
     assert set(result.allocation.values()) == {env.config.initial_rank}
 
 
 def test_a_swapped_cell_function_keys_the_archive(env: RankAllocationEnv) -> None:
-    agent = GoExplore(GoExploreConfig(max_optimizer_steps=BUDGET, explore_steps=2), cell=ExactAllocationCell())
+    agent = GoExplore(
+        GoExploreConfig(max_optimizer_steps=BUDGET, explore_steps=2, parallel=1), cell=ExactAllocationCell()
+    )
     agent.run(env, seed=SEED)
     for entry in agent.archive:
         ranks = tuple(env.ladder.index(entry.allocation[m.name]) for m in env.modules)
@@ -234,7 +236,7 @@ def test_group_action_moves_only_where_masks_allow() -> None:
 
 
 def test_per_module_exploration_is_seeded_and_within_budget(env: RankAllocationEnv) -> None:
-    config = GoExploreConfig(max_optimizer_steps=BUDGET, explore_steps=2, moves="modules")
+    config = GoExploreConfig(max_optimizer_steps=BUDGET, explore_steps=2, moves="modules", parallel=1)
     first, second = (GoExplore(config).run(env, seed=SEED) for _ in range(2))
     assert first == second and first.optimizer_steps == BUDGET
     assert env.params_of(first.allocation) <= env.budget
@@ -242,7 +244,9 @@ def test_per_module_exploration_is_seeded_and_within_budget(env: RankAllocationE
 
 def test_group_exploration_repeats_its_moves_to_the_episode_end(env: RankAllocationEnv) -> None:
     # One exploration from the root fills the whole budget: 4 decisions, repeating one group move throughout.
-    config = GoExploreConfig(max_optimizer_steps=BUDGET, explore_steps=None, moves="groups", repeat_probability=1.0)
+    config = GoExploreConfig(
+        max_optimizer_steps=BUDGET, explore_steps=None, moves="groups", repeat_probability=1.0, parallel=1
+    )
     grew = 0
     for seed in range(4):
         result = GoExplore(config).run(env, seed=seed)
@@ -306,3 +310,11 @@ def test_parallel_explorations_are_seeded_within_budget_and_replay_on_the_single
         assert info["allocation"] == entry.allocation
         assert info["loss"] == pytest.approx(entry.loss, rel=1e-5)
     assert env.params_of(result.allocation) <= env.budget
+
+
+def test_parallel_explorations_are_charged_to_the_env() -> None:
+    """The env counts the optimizer steps of its sub-episodes, so the bench charges a parallel search fully."""
+    env = RankAllocationEnv(decisions=2, inner_steps=2, probe_steps=0)
+    before = env.total_optimizer_steps
+    result = GoExplore(GoExploreConfig(max_optimizer_steps=16, parallel=4)).run(env, seed=0)
+    assert result.optimizer_steps == 16 == env.total_optimizer_steps - before
