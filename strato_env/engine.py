@@ -183,7 +183,7 @@ class BatchedModel:
     """A private copy of the frozen base with every target module and head replaced by a slot, and
     activations written as chains of elementwise ops replaced by torch's fused kernel of the same function.
 
-    With no adapters installed (`lora` None) it computes the base model exactly."""
+    With no adapters installed (`lora` None) it computes the base model (the fused GELU to float rounding)."""
 
     def __init__(self, model: nn.Module, modules: Sequence[TargetModule], heads: Sequence[str] = ()) -> None:
         self.model = model

@@ -30,10 +30,12 @@ class GoExploreConfig:
     """moves='modules': chance that a module keeps its rank; otherwise an allowed shrink or grow."""
     improvement_bonus: float = 0.1
     """Extra selection weight per past exploration that found a new or better cell (0 = pure count-based)."""
-    parallel: int = 8
+    parallel: int = 1
     """Explorations run together on the batched engine, one forward pass per optimizer step for all (an
     explorer whose exploration ends selects its next cell at once; at most one explorer per whole episode that
-    `max_optimizer_steps` pays for); 1: one at a time on the env itself."""
+    `max_optimizer_steps` pays for); 1: one at a time on the env itself. Parallel explorations start from the
+    archive as it is when they begin, so they pay off with budgets of many episodes (8 at 20 episodes' worth:
+    faster and better on the default instance) and cost quality at a few (the bench's 4)."""
     budget_buckets: int = 4
     """Default cell (DepthProfileCell): buckets of the budget used."""
     depth_bins: int = 4

@@ -36,16 +36,16 @@ class BatchedVecEnv(VecEnv):
                 f"n_envs={n_envs} is smaller than the {len(configs)} training instances: every instance needs a "
                 f"sub-episode; allowed: n_envs >= {len(configs)}"
             )
+        max_modules = {c.max_modules for c in configs}
+        if len(max_modules) > 1:
+            raise ValueError(f"all instances must share max_modules (same spaces); got {sorted(max_modules)}")
+        slots = max_modules.pop()
         assigned = [configs[i % len(configs)] for i in range(n_envs)]
         groups: dict[str, list[int]] = {}
         for i, config in enumerate(assigned):
             groups.setdefault(_group_key(config), []).append(i)
         self.groups = [(EpisodeBatch([assigned[i] for i in members]), members) for members in groups.values()]
         self._where = {i: (batch, j) for batch, members in self.groups for j, i in enumerate(members)}
-        max_modules = {c.max_modules for c in configs}
-        if len(max_modules) > 1:
-            raise ValueError(f"all instances must share max_modules (same spaces); got {sorted(max_modules)}")
-        slots = max_modules.pop()
         super().__init__(n_envs, observation_space(slots), spaces.MultiDiscrete([3] * slots))
         self._actions: np.ndarray | None = None
 
