@@ -153,6 +153,14 @@ class RankAllocationEnv(gym.Env):
     `oracle_allocation` and `oracle_loss` (the loss the oracle allocation reaches when kept for the whole
     episode from seed 0, computed once per instance).
 
+    ## Many episodes at once
+
+    This env is the one-episode case of `strato_env.episodes.EpisodeBatch`, which trains N episodes over one
+    base model with one forward pass per optimizer step (`strato_env.engine`).
+    `gym.make_vec("strato_env/RankAllocation-v1", num_envs=N, vectorization_mode="vector_entry_point")` gives
+    `strato_env.vector.RankAllocationVecEnv`, whose sub-episode i matches this env driven with the same seed and
+    actions (allocations exactly, losses to float summation order).
+
     ## Version History
 
     - v0: initial version.
@@ -231,7 +239,7 @@ class RankAllocationEnv(gym.Env):
 
     def episode_randomness(self, seed: int) -> tuple[int, np.ndarray]:
         """(torch generator seed, data order) that an episode started by `reset(seed=seed)` uses."""
-        return self.batch._draw_episode(gym.utils.seeding.np_random(seed)[0], self.data)
+        return self.batch.draw_episode(gym.utils.seeding.np_random(seed)[0], self.data)
 
     def params_of(self, allocation: dict[str, int]) -> int:
         return self.batch.params_of(allocation)

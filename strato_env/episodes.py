@@ -285,7 +285,7 @@ class EpisodeBatch:
         c, data = self.config, self.subs[i].data
         starts, orders = [], []
         for allocation, seed in zip(allocations, seeds, strict=True):
-            torch_seed, order = self._draw_episode(gym.utils.seeding.np_random(seed)[0], data)
+            torch_seed, order = self.draw_episode(gym.utils.seeding.np_random(seed)[0], data)
             starts.append(([int(allocation.get(m.name, 0)) for m in self.modules], torch_seed))
             orders.append(order)
         steps = c.decisions * c.inner_steps
@@ -309,7 +309,8 @@ class EpisodeBatch:
             train_step(self.target, lora, self.loss, batches, everyone)
         return evaluate_losses(self.target, lora, [data] * len(starts), self.config.batch_size)
 
-    def _draw_episode(self, rng: np.random.Generator, data: TaskData) -> tuple[int, np.ndarray]:
+    def draw_episode(self, rng: np.random.Generator, data: TaskData) -> tuple[int, np.ndarray]:
+        """(adapter generator seed, row order) an episode on `data` draws from `rng` as it starts."""
         c = self.config
         return episode_randomness(rng, data.train_size, c.decisions * c.inner_steps * c.batch_size)
 
@@ -339,7 +340,7 @@ class EpisodeBatch:
                 allocation = {m.name: sub.config.initial_rank for m in self.modules}
             if seed is not None or sub.rng is None:
                 sub.rng = gym.utils.seeding.np_random(seed)[0]
-            torch_seed, order = self._draw_episode(sub.rng, sub.data)
+            torch_seed, order = self.draw_episode(sub.rng, sub.data)
             sub.generator = torch.Generator(device=self.config.device).manual_seed(torch_seed)
             self.lora.reset(i, [allocation[m.name] for m in self.modules], sub.generator)
             sub.episode = Episode(0, 0, order, math.nan, math.nan, 0.0, sub.base_gradients.copy())
