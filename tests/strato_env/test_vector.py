@@ -56,8 +56,9 @@ def _play(vec: RankAllocationVecEnv, singles: list[RankAllocationEnv], seed: int
     assert shrinks > 0 and truncations.all()
 
 
-def test_each_sub_episode_equals_the_single_env_with_the_same_seed_and_moves():
-    config = EnvConfig(**SETTINGS)
+@pytest.mark.parametrize("model", ["gpt2-tiny", "llama-tiny", "bert-tiny", "t5-tiny"])
+def test_each_sub_episode_equals_the_single_env_with_the_same_seed_and_moves(model):
+    config = EnvConfig(model=model, **SETTINGS)
     vec = RankAllocationVecEnv([config] * 3)
     _play(vec, [RankAllocationEnv(config) for _ in range(3)], seed=10)
 
@@ -150,3 +151,16 @@ def test_a_width_that_cannot_fit_fails_before_any_allocation():
         ValueError, match=r"^num_envs=2000000 is too wide for cpu: about .* GiB .* allowed: num_envs <= \d+"
     ):
         RankAllocationVecEnv(num_envs=2_000_000)
+
+
+def test_sub_episodes_with_trained_heads_equal_their_single_envs(tmp_path):
+    """Classification: every sub-episode trains its own head as well as its LoRA factors."""
+    rng = np.random.default_rng(0)
+    words = {0: ["dull", "bad", "awful"], 1: ["great", "fine", "lovely"]}
+    rows = ["text,label"] + [f"{' '.join(rng.choice(words[i % 2], 4))},{i % 2}" for i in range(96)]
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    task = {"name": "classification", "data": str(tmp_path / "labels.csv"), "train_examples": 64, "eval_examples": 16}
+    config = EnvConfig(model="bert-tiny", task=task, budget=20000, **SETTINGS)
+    vec = RankAllocationVecEnv([config] * 2)
+    assert vec.batch.extra_params > 0
+    _play(vec, [RankAllocationEnv(config) for _ in range(2)], seed=5)
