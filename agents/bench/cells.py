@@ -9,7 +9,8 @@ Protocol, the same for every method:
   importance feature are charged the instance's importance probe as well. A learned policy is trained on the
   train instances and applied once to the held-out instance: its cost is both together.
 - Final quality: the allocation trained statically for one episode from the cell's seed (the same optimizer
-  steps for every method), so a method is judged by what it found, not by how its own search went.
+  steps for every method), so a method is judged by what it found, not by how its own search went. The
+  allocations of one instance, scale and seed are trained together on the batched engine.
 - References: uniform LoRA on every instance, the planted oracle on planted instances; gap closed =
   (L_uniform - L) / (L_uniform - L_oracle) at the same instance, seed and budget.
 """
@@ -122,30 +123,61 @@ def _search(
     return result.allocation, steps + probe, [(s + probe, loss) for s, loss in result.history]
 
 
-def run_cell(config: BenchConfig, cell: Cell, policy: dict[str, Any] | None) -> dict[str, Any]:
-    """Search (or act) on the cell's instance, then train the allocation found for one episode from its seed."""
+def run_cells(config: BenchConfig, cells: list[Cell], policies: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Search (or act) for each cell of one held-out instance, budget scale and seed, then train every
+    allocation found for one episode from its cell's seed, all together on the batched engine. One result per
+    cell, in order; a cell's error comes back recorded and the others go on."""
+    results: list[dict[str, Any]] = []
+    found: list[tuple[int, RankAllocationEnv, dict[str, int]]] = []
+    for cell in cells:
+        start = time.perf_counter()
+        policy = policies.get(cell.policy_key)
+        try:
+            env = config.make_env(config.test_instances[cell.instance], cell.scale)
+            allocation, steps, history = _search(config, cell, env, policy)
+        except Exception as error:  # recorded; the other cells go on
+            results.append(_error(error, start))
+            continue
+        wall = time.perf_counter() - start + (policy["wall_s"] if policy else 0.0)
+        found.append((len(results), env, allocation))
+        results.append({
+            "status": "ok",
+            "params": env.params_of(allocation),
+            "budget": env.budget,
+            "optimizer_steps": steps,
+            "wall_s": wall,
+            "allocation": {name: int(rank) for name, rank in allocation.items()},
+            "history": [[int(s), float(loss)] for s, loss in history],
+        })  # fmt: skip
+    if not found:
+        return results
     start = time.perf_counter()
-    env = config.make_env(config.test_instances[cell.instance], cell.scale)
-    allocation, steps, history = _search(config, cell, env, policy)
-    wall = time.perf_counter() - start + (policy["wall_s"] if policy else 0.0)
+    env = found[0][1]
     before = env.total_optimizer_steps
-    final_loss = env.evaluate_allocation(allocation, seed=cell.seed)
-    if not history:  # a method without its own evaluations: its final quality is its only point
-        history = [(steps, final_loss)]
-    return {
-        "final_loss": final_loss,
-        "params": env.params_of(allocation),
-        "budget": env.budget,
-        "optimizer_steps": steps,
-        "final_steps": env.total_optimizer_steps - before,
-        "wall_s": wall,
-        "allocation": {name: int(rank) for name, rank in allocation.items()},
-        "history": [[int(s), float(loss)] for s, loss in history],
-    }
+    try:
+        losses = env.evaluate_allocations([a for _, _, a in found], [cells[i].seed for i, _, _ in found])
+    except Exception as error:  # the final retrain failed: every cell that reached it is recorded failed
+        for i, _, _ in found:
+            results[i] = _error(error, start)
+        return results
+    share = (time.perf_counter() - start) / len(found)
+    for (i, _, _), loss in zip(found, losses, strict=True):
+        result = results[i]
+        result["final_loss"] = loss
+        result["final_steps"] = (env.total_optimizer_steps - before) // len(found)
+        result["wall_s"] += share
+        if not result["history"]:  # a method without its own evaluations: its final quality is its only point
+            result["history"] = [[result["optimizer_steps"], float(loss)]]
+    return results
+
+
+def _error(error: Exception, start: float) -> dict[str, Any]:
+    return {"status": "error", "error": f"{type(error).__name__}: {error}", "wall_s": time.perf_counter() - start}
 
 
 def run_task(task: dict[str, Any]) -> dict[str, Any]:
-    """Run one task (a policy training or a cell) in any process; never raises: errors come back recorded."""
+    """Run one task (a policy training, or the cells of one instance, scale and seed) in any process; never
+    raises: errors come back recorded."""
     if task.get("threads"):
         import torch
 
@@ -156,7 +188,7 @@ def run_task(task: dict[str, Any]) -> dict[str, Any]:
         if task["kind"] == "policy":
             result = train_policy(config, task["method"], task["seed"])
         else:
-            result = run_cell(config, Cell(**task["cell"]), task.get("policy"))
+            result = {"results": run_cells(config, [Cell(**c) for c in task["cells"]], task.get("policies", {}))}
     except Exception as error:  # recorded; the grid goes on
-        return {"status": "error", "error": f"{type(error).__name__}: {error}", "wall_s": time.perf_counter() - start}
+        return _error(error, start)
     return {"status": "ok", "wall_s": time.perf_counter() - start} | result

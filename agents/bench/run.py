@@ -102,27 +102,44 @@ def run_bench(
                 meta = {k: v for k, v in result.items() if k != "policy"}
                 write_atomic(folder.path / "policies" / f"{key}.json", json.dumps(meta, indent=2))
                 policies[key] = result
-            else:
-                cell = Cell(**task["cell"])
-                row = asdict(cell) | result
-                write_atomic(folder.path / "cells" / f"{cell.key}.json", json.dumps(row, indent=2))
-                rows[cell.key] = row
-                bar.set_postfix_str(f"{cell.key}: {result['status']}")
-            bar.update()
+                bar.update()
+            else:  # one result per cell, or the group's error for each
+                results = result.get("results") or [result] * len(task["cells"])
+                for cell_values, cell_result in zip(task["cells"], results, strict=True):
+                    cell = Cell(**cell_values)
+                    row = asdict(cell) | cell_result
+                    write_atomic(folder.path / "cells" / f"{cell.key}.json", json.dumps(row, indent=2))
+                    rows[cell.key] = row
+                    bar.set_postfix_str(f"{cell.key}: {cell_result['status']}")
+                    bar.update()
 
-        phase_one = policy_tasks + [{"kind": "cell", "config": values, "cell": asdict(c)} for c in first]
-        execute(phase_one, workers, backend, on_result)
-        phase_two = []
+        def cell_tasks(group_cells: list[Cell]) -> list[dict[str, Any]]:
+            """One task per held-out instance, budget scale and seed: its final retrains run together."""
+            groups: dict[tuple[int, float, int], list[Cell]] = {}
+            for cell in group_cells:
+                groups.setdefault((cell.instance, cell.scale, cell.seed), []).append(cell)
+            return [
+                {
+                    "kind": "cells",
+                    "config": values,
+                    "cells": [asdict(c) for c in members],
+                    "policies": {c.policy_key: policies[c.policy_key] for c in members if METHODS[c.method].learned},
+                }
+                for members in groups.values()
+            ]
+
+        execute(policy_tasks + cell_tasks(first), workers, backend, on_result)
+        ready = []
         for cell in (c for c in todo if METHODS[c.method].learned):
             policy = policies.get(cell.policy_key, {"status": "error", "error": "policy training did not run"})
             if policy["status"] != "ok":
                 on_result(
-                    {"kind": "cell", "cell": asdict(cell)},
+                    {"kind": "cells", "cells": [asdict(cell)]},
                     {"status": "error", "error": f"policy training failed: {policy['error']}", "wall_s": 0.0},
                 )
             else:
-                phase_two.append({"kind": "cell", "config": values, "cell": asdict(cell), "policy": policy})
-        execute(phase_two, workers, backend, on_result)
+                ready.append(cell)
+        execute(cell_tasks(ready), workers, backend, on_result)
         bar.close()
         results, images = write_report(folder, config, [rows[c.key] for c in cells], command)
         if publish is not None:

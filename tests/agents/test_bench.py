@@ -248,3 +248,18 @@ def test_shipped_bench_configs_load_full_and_quick(name):
     assert full.seeds == [0, 1, 2, 3, 4] and len(quick.seeds) == 1
     assert quick.episode_steps < full.episode_steps and quick.search_steps < full.search_steps
     assert set(full.methods) == set(METHODS) - {"uniform", "oracle"}
+
+
+def test_the_final_retrains_of_one_instance_and_seed_run_together_and_match_one_at_a_time(tmp_path):
+    """The allocations of one (instance, scale, seed) are trained together; each final loss is the one a lone
+    static run of that allocation from the cell's seed gives, to float summation order."""
+    config = _tiny(tmp_path, "together", methods=["random", "greedy"])
+    path = run_bench(config)
+    rows = {r["method"]: r for r in _results(path)}
+    env = config.make_env(config.test_instances[0], 1.0)
+    episode = env.config.decisions * env.config.inner_steps
+    for method in ("uniform", "oracle", "random", "greedy"):
+        cell = json.loads((path / "cells" / f"{method}-i0-s0-x1.json").read_text())
+        alone = env.evaluate_allocation(cell["allocation"], seed=0)
+        assert float(rows[method]["final_loss"]) == pytest.approx(alone, rel=1e-5), method
+        assert cell["final_steps"] == episode
