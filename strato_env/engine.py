@@ -113,8 +113,8 @@ def truncated_factors(B: torch.Tensor, A: torch.Tensor, rank: int) -> tuple[torc
     return (Q_b @ U[:, :rank]) * root, root[:, None] * (Vh[:rank] @ Q_a.T)
 
 
-class LoraSlot(nn.Module):
-    """A target module of the base plus the low-rank updates of the adapters installed in its model."""
+class _Slot(nn.Module):
+    """A module of the base that its model's installed adapters act on (`owner.lora`)."""
 
     def __init__(self, base: nn.Module, index: int, owner: BatchedModel) -> None:
         super().__init__()
@@ -125,6 +125,10 @@ class LoraSlot(nn.Module):
     @property
     def weight(self) -> torch.Tensor:  # read by some models' forward (e.g. T5's dtype check)
         return self.base.weight
+
+
+class LoraSlot(_Slot):
+    """A target module of the base plus the low-rank updates of the installed adapters."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -150,18 +154,8 @@ class LoraSlot(nn.Module):
         return hook
 
 
-class HeadSlot(nn.Module):
+class HeadSlot(_Slot):
     """A head trained in full (a classification head): one weight and bias per episode."""
-
-    def __init__(self, base: nn.Linear, index: int, owner: BatchedModel) -> None:
-        super().__init__()
-        self.base = base
-        self.index = index
-        self.owner = owner
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lora = self.owner.lora
@@ -242,7 +236,6 @@ class BatchedLora:
             raise ValueError(f"episodes={episodes!r} is invalid: allowed: an integer >= 1")
         self.target = target
         self.episodes = episodes
-        self.r_max = r_max
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
         n, device = episodes, target.device
@@ -301,6 +294,9 @@ class BatchedLora:
         for param, value in zip(self._params[2 * len(self.A) :], self._initial_heads, strict=True):
             param[episode] = value
 
+    def _refresh_active(self) -> None:
+        self.active = self.ranks.any(axis=0).tolist()
+
     def _module_slices(self, module: int) -> list[slice]:
         return [self._slices[module], self._slices[len(self.A) + module]]
 
@@ -325,7 +321,7 @@ class BatchedLora:
                 self.exp_avg[episode, where] = 0
                 self.exp_avg_sq[episode, where] = 0
         self.ranks[episode, module] = rank
-        self.active[module] = bool(self.ranks[:, module].any())
+        self._refresh_active()
 
     @torch.no_grad()
     def reset(self, episode: int, ranks: Sequence[int], generator: torch.Generator | None = None) -> None:
@@ -336,7 +332,7 @@ class BatchedLora:
         self._initial_head_values(episode)
         self.steps[episode] = 0
         self.ranks[episode] = 0
-        self.active = [bool(self.ranks[:, j].any()) for j in range(len(self.A))]
+        self._refresh_active()
         for module, rank in enumerate(ranks):
             self.set_rank(episode, module, int(rank), generator)
 
@@ -402,7 +398,7 @@ class BatchedLora:
         self.exp_avg_sq[episode] = snapshot["exp_avg_sq"]
         self.steps[episode] = snapshot["steps"]
         self.ranks[episode] = snapshot["ranks"]
-        self.active = [bool(self.ranks[:, j].any()) for j in range(len(self.A))]
+        self._refresh_active()
 
     # ---- export -------------------------------------------------------------------------------------------
     def lora_config(self, episode: int) -> LoraConfig:

@@ -64,10 +64,6 @@ class RankAllocationVecEnv(VectorEnv):
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)
         self._ended = np.zeros(self.num_envs, dtype=bool)
 
-    @property
-    def configs(self) -> list[EnvConfig]:
-        return self.batch.configs
-
     # ---- stepping -----------------------------------------------------------------------------------------
     def reset(self, *, seed: int | Sequence[int | None] | None = None, options: dict[str, Any] | None = None):
         """Reset every sub-episode, or those in `options["reset_mask"]`. `seed`: an int (sub-episode i gets

@@ -128,7 +128,8 @@ def run_cells(config: BenchConfig, cells: list[Cell], policies: dict[str, dict[s
     allocation found for one episode from its cell's seed, all together on the batched engine. One result per
     cell, in order; a cell's error comes back recorded and the others go on."""
     results: list[dict[str, Any]] = []
-    found: list[tuple[int, RankAllocationEnv, dict[str, int]]] = []
+    found: dict[int, dict[str, int]] = {}  # result index -> allocation found
+    retrain: RankAllocationEnv | None = None  # the first cell's env trains every allocation
     for cell in cells:
         start = time.perf_counter()
         policy = policies.get(cell.policy_key)
@@ -139,7 +140,8 @@ def run_cells(config: BenchConfig, cells: list[Cell], policies: dict[str, dict[s
             results.append(_error(error, start))
             continue
         wall = time.perf_counter() - start + (policy["wall_s"] if policy else 0.0)
-        found.append((len(results), env, allocation))
+        found[len(results)] = allocation
+        retrain = retrain or env
         results.append({
             "status": "ok",
             "params": env.params_of(allocation),
@@ -149,22 +151,21 @@ def run_cells(config: BenchConfig, cells: list[Cell], policies: dict[str, dict[s
             "allocation": {name: int(rank) for name, rank in allocation.items()},
             "history": [[int(s), float(loss)] for s, loss in history],
         })  # fmt: skip
-    if not found:
+    if retrain is None:
         return results
     start = time.perf_counter()
-    env = found[0][1]
-    before = env.total_optimizer_steps
+    before = retrain.total_optimizer_steps
     try:
-        losses = env.evaluate_allocations([a for _, _, a in found], [cells[i].seed for i, _, _ in found])
+        losses = retrain.evaluate_allocations(list(found.values()), [cells[i].seed for i in found])
     except Exception as error:  # the final retrain failed: every cell that reached it is recorded failed
-        for i, _, _ in found:
+        for i in found:
             results[i] = _error(error, start)
         return results
     share = (time.perf_counter() - start) / len(found)
-    for (i, _, _), loss in zip(found, losses, strict=True):
+    for i, loss in zip(found, losses, strict=True):
         result = results[i]
         result["final_loss"] = loss
-        result["final_steps"] = (env.total_optimizer_steps - before) // len(found)
+        result["final_steps"] = (retrain.total_optimizer_steps - before) // len(found)
         result["wall_s"] += share
         if not result["history"]:  # a method without its own evaluations: its final quality is its only point
             result["history"] = [[result["optimizer_steps"], float(loss)]]

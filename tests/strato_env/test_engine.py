@@ -50,7 +50,7 @@ def _train(preset, target, lora, steps=3, training=None):
 
 
 @pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny", "bert-tiny"])
-def test_one_episode_trains_exactly_like_peft_with_torch_adamw(preset):
+def test_one_episode_trains_step_by_step_like_peft_with_torch_adamw(preset):
     """Mixed ranks (0 included), weight decay: the engine's losses and factors follow a peft LoRA model trained
     by torch.optim.AdamW on the same batches, step by step."""
     target, lora = _engine(preset, 1, weight_decay=0.1)
