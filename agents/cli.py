@@ -80,6 +80,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     inspect.add_argument("--model", required=True, help="tiny preset, hub id or local model directory")
     inspect.add_argument("--target-modules", default=None, help="regex over module names overriding discovery")
+
+    from inspect import signature
+
+    from strato_env.pretrain import pretrain as pretrain_model
+
+    default = {name: p.default for name, p in signature(pretrain_model).parameters.items()}  # one source of defaults
+    pretrain = commands.add_parser(
+        "pretrain",
+        help="pretrain a tiny causal LM preset on a text corpus; writes a Hugging Face model folder",
+        formatter_class=DEFAULTS,
+        description="strato pretrain --model gpt2-tiny --data CORPUS.txt --out DIR: trains the preset from random "
+        "weights on the corpus (deterministic on CPU) and writes DIR, usable as model=DIR. Rerunning the same "
+        "command on a finished DIR does nothing.",
+    )
+    pretrain.add_argument("--model", required=True, help="a tiny causal LM preset, e.g. gpt2-tiny or llama-tiny")
+    pretrain.add_argument("--data", required=True, help="a local UTF-8 text file; its last 10%% is held out")
+    pretrain.add_argument("--steps", type=int, default=default["steps"], help="optimizer steps")
+    pretrain.add_argument("--out", required=True, help="model folder to create")
+    pretrain.add_argument(
+        "--seed", type=int, default=default["seed"], help="seed of the random init and of the windows drawn"
+    )
+    pretrain.add_argument(
+        "--seq-len", type=int, default=default["seq_len"], help="tokens (UTF-8 bytes) per training window"
+    )
+    pretrain.add_argument("--batch-size", type=int, default=default["batch_size"], help="windows per step")
+    pretrain.add_argument(
+        "--learning-rate", type=float, default=default["learning_rate"], help="AdamW's peak learning rate"
+    )
     return parser
 
 
@@ -114,6 +142,20 @@ def main(argv: list[str] | None = None) -> int:
             task = {k: v for k, v in (("name", args.task), ("data", args.data), ("profile", args.profile)) if v}
             path = jobs.apply(args.policy, args.model, args.out, task=task or None, budget=args.budget, seed=args.seed)
             print(f"run folder: {path}")
+        elif args.command == "pretrain":
+            from strato_env.pretrain import pretrain
+
+            result = pretrain(
+                args.model,
+                args.data,
+                args.out,
+                steps=args.steps,
+                seed=args.seed,
+                seq_len=args.seq_len,
+                batch_size=args.batch_size,
+                learning_rate=args.learning_rate,
+            )
+            print(f"model folder: {result.path}")
         else:
             print(jobs.inspect(args.model, args.target_modules))
     except ValueError as error:

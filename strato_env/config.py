@@ -11,7 +11,7 @@ from typing import Any
 
 from strato_env.validation import check_choice, check_int, check_number, fail, is_int
 
-PLANTED_PROFILES = ("top-heavy", "bottom-heavy", "attention-only", "mlp-only", "random-sparse")
+PLANTED_PROFILES = ("top-heavy", "bottom-heavy", "attention-only", "mlp-only", "random-sparse", "generated")
 TASK_NAMES = ("planted", "causal_lm", "classification", "seq2seq")
 
 
@@ -90,11 +90,13 @@ class TaskConfig:
     """Task family: 'planted' (known optimum), 'causal_lm' (next-token loss on text), 'classification' or
     'seq2seq' (encoder-decoder models: source -> target pairs)."""
     profile: str = "top-heavy"
-    """planted: where the teacher's low-rank updates sit (one of PLANTED_PROFILES)."""
+    """planted: where the teacher's low-rank updates sit (one of PLANTED_PROFILES); 'generated' draws a procedural
+    instance from data_seed (random support, mixed ranks, decaying spectra, per-module scales)."""
     planted_rank: int = 16
-    """planted: rank of each planted update."""
+    """planted: rank of each planted update ('generated': the largest; the others halve it up to twice)."""
     planted_scale: float = 0.5
-    """planted: Frobenius norm of each planted update relative to the norm of the weight it perturbs."""
+    """planted: Frobenius norm of each planted update relative to the norm of the weight it perturbs
+    ('generated': its median)."""
     data: str | None = None
     """causal_lm / classification / seq2seq: a local file or folder (text for causal_lm; CSV, or JSONL for
     seq2seq) or a hub dataset id."""
@@ -113,18 +115,26 @@ class TaskConfig:
     train_examples: int = 256
     """Size of the training pool that episodes draw batches from."""
     eval_examples: int = 32
-    """Size of the fixed evaluation set that defines the env's loss."""
+    """Size of the validation set: the fixed evaluation set that defines the env's loss and reward."""
+    test_examples: int = 32
+    """Size of the held-out test set, disjoint from the training pool and the validation set: no reward and no
+    search reads it; final numbers do (`evaluate_allocations(..., split='test')`)."""
     data_seed: int = 0
     """Seed of the instance itself: planted updates, synthetic inputs, data subsets. Not the episode seed."""
 
     def __post_init__(self) -> None:
         check_choice("task.name", self.name, TASK_NAMES)
         check_choice("task.profile", self.profile, PLANTED_PROFILES)
-        for name in ("planted_rank", "seq_len", "train_examples", "eval_examples"):
+        for name in ("planted_rank", "seq_len", "train_examples", "eval_examples", "test_examples"):
             check_int(f"task.{name}", getattr(self, name), 1)
         check_number("task.planted_scale", self.planted_scale, 0, low_open=True)
         if self.name != "planted" and not self.data:
             fail("task.data", self.data, f"task {self.name!r} needs a local path or a hub dataset id")
+
+
+def generated_ranks(task: TaskConfig) -> tuple[int, ...]:
+    """The ranks a generated planted update may have: planted_rank halved up to twice (at least 1)."""
+    return tuple(sorted({max(1, task.planted_rank >> k) for k in range(3)}))
 
 
 @dataclass
@@ -199,8 +209,16 @@ class EnvConfig:
         for name in ("cost_weight", "weight_decay", "divergence_penalty"):
             check_number(name, getattr(self, name), 0)
         check_number("importance_smoothing", self.importance_smoothing, 0, 1, high_open=True)
-        if self.task.name == "planted" and self.task.planted_rank not in ladder:
-            fail("task.planted_rank", self.task.planted_rank, f"expected a rank on rank_ladder {list(ladder)}")
+        if self.task.name == "planted":
+            if self.task.profile == "generated" and not set(generated_ranks(self.task)) <= set(ladder):
+                fail(
+                    "task.planted_rank",
+                    self.task.planted_rank,
+                    f"a generated instance plants ranks {list(generated_ranks(self.task))}, all of which must be "
+                    f"on rank_ladder {list(ladder)}",
+                )
+            if self.task.planted_rank not in ladder:
+                fail("task.planted_rank", self.task.planted_rank, f"expected a rank on rank_ladder {list(ladder)}")
         if self.initial_rank not in ladder:
             fail("initial_rank", self.initial_rank, f"expected a rank on rank_ladder {list(ladder)}")
         check_device(self.device)
@@ -211,10 +229,17 @@ class EnvConfig:
 
     @property
     def label(self) -> str:
-        """A readable name of the instance, e.g. 'llama-tiny/planted/top-heavy' or 'gpt2-tiny/causal_lm/a.txt'."""
+        """A readable name of the instance, e.g. 'llama-tiny/planted/top-heavy' or 'gpt2-tiny/causal_lm/a.txt' (a
+        local model folder by its last part)."""
         task = self.task
-        detail = task.profile if task.name == "planted" else os.path.basename(str(task.data).rstrip("/"))
-        return f"{self.model}/{task.name}/{detail}"
+        if task.name != "planted":
+            detail = os.path.basename(str(task.data).rstrip("/"))
+        else:
+            detail = f"generated-{task.data_seed}" if task.profile == "generated" else task.profile
+        from strato_env.models import is_tiny_preset
+
+        model = self.model if is_tiny_preset(self.model) else os.path.basename(self.model.rstrip("/")) or self.model
+        return f"{model}/{task.name}/{detail}"
 
     @property
     def protocol(self) -> TrainingProtocol:

@@ -252,15 +252,18 @@ class RankAllocationEnv(gym.Env):
             self.instance.static_losses[key] = self.evaluate_allocation(allocation, seed=seed)
         return self.instance.static_losses[key]
 
-    def evaluate_allocation(self, allocation: dict[str, int], seed: int = 0) -> float:
-        """Final loss of `allocation` kept fixed for a whole episode from `seed` (budget not enforced).
+    def evaluate_allocation(self, allocation: dict[str, int], seed: int = 0, split: str = "eval") -> float:
+        """Final loss of `allocation` kept fixed for a whole episode from `seed` (budget not enforced), on the
+        validation set (`split='eval'`, the env's loss) or the held-out test set (`split='test'`).
 
         The env's current episode and random state are left as they were."""
-        return self.evaluate_allocations([allocation], [seed])[0]
+        return self.evaluate_allocations([allocation], [seed], split)[0]
 
-    def evaluate_allocations(self, allocations: list[dict[str, int]], seeds: list[int]) -> list[float]:
+    def evaluate_allocations(
+        self, allocations: list[dict[str, int]], seeds: list[int], split: str = "eval"
+    ) -> list[float]:
         """`evaluate_allocation` of many allocations (each with its seed), trained together in one batch."""
-        return self.batch.static_losses(0, allocations, seeds)
+        return self.batch.static_losses(0, allocations, seeds, split)
 
     # ---- episode ------------------------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
@@ -273,12 +276,13 @@ class RankAllocationEnv(gym.Env):
         self._np_random = sub.rng
         return self._observation(), self._info()
 
-    def evaluate_loss(self, model: torch.nn.Module | None = None) -> float:
-        """Loss on the task's fixed evaluation set (batched like training), of the env's adapter or of `model`
-        (any model, e.g. a peft model loaded from an exported adapter)."""
+    def evaluate_loss(self, model: torch.nn.Module | None = None, split: str = "eval") -> float:
+        """Loss on the task's validation set (`split='eval'`, the env's loss) or held-out test set
+        (`split='test'`), batched like training, of the env's adapter now or of `model` (any model, e.g. a peft
+        model loaded from an exported adapter)."""
         if model is not None:
-            return evaluate_model(model, self.data, self.config.batch_size)
-        return float(self.batch.evaluate()[0])
+            return evaluate_model(model, self.data, self.config.batch_size, split)
+        return float(self.batch.evaluate(split)[0])
 
     def step(self, action: np.ndarray):
         if self._episode is None:

@@ -89,25 +89,29 @@ def stack(batches: Sequence[Batch]) -> Batch:
 
 
 @torch.no_grad()
-def evaluate_losses(target: BatchedModel, lora: BatchedLora, datas: Sequence[TaskData], batch_size: int) -> np.ndarray:
-    """Loss of each of `lora`'s episodes on its task's fixed evaluation set (batched like training)."""
-    size = len(next(iter(datas[0].eval.values())))
+def evaluate_losses(
+    target: BatchedModel, lora: BatchedLora, datas: Sequence[TaskData], batch_size: int, split: str = "eval"
+) -> np.ndarray:
+    """Loss of each of `lora`'s episodes on its task's `split` (validation or test set), batched like training."""
+    splits = [d.rows(split) for d in datas]
+    size = len(next(iter(splits[0].values())))
     total = torch.zeros(lora.episodes, dtype=torch.float64)
     with target.using(lora) as model:
         for start in range(0, size, batch_size):
-            batch = stack([{k: v[start : start + batch_size] for k, v in d.eval.items()} for d in datas])
+            batch = stack([{k: v[start : start + batch_size] for k, v in rows.items()} for rows in splits])
             rows = min(batch_size, size - start)
             total += datas[0].loss(model, batch, lora.episodes).double().cpu() * rows
     return (total / size).numpy()
 
 
 @torch.no_grad()
-def evaluate_model(model: torch.nn.Module, data: TaskData, batch_size: int) -> float:
-    """Loss of any model (e.g. a peft model) on `data`'s evaluation set, batched like training."""
-    size = len(next(iter(data.eval.values())))
+def evaluate_model(model: torch.nn.Module, data: TaskData, batch_size: int, split: str = "eval") -> float:
+    """Loss of any model (e.g. a peft model) on `data`'s `split`, batched like training."""
+    rows = data.rows(split)
+    size = len(next(iter(rows.values())))
     total = 0.0
     for start in range(0, size, batch_size):
-        batch = {k: v[start : start + batch_size] for k, v in data.eval.items()}
+        batch = {k: v[start : start + batch_size] for k, v in rows.items()}
         total += float(data.loss(model, batch)[0]) * min(batch_size, size - start)
     return total / size
 
@@ -166,15 +170,18 @@ def _check_compatible(configs: Sequence[EnvConfig], instances: Sequence[Instance
     for i, instance in enumerate(instances[1:], start=1):
         other = instance.data
         same = other.loss is data.loss and other.modules_to_save == data.modules_to_save
-        for split in ("train", "eval"):
+        for split in ("train", "eval", "test"):
             a, b = getattr(data, split), getattr(other, split)
             same = same and set(a) == set(b) and all(a[k].shape[1:] == b[k].shape[1:] for k in a)
-        same = same and len(next(iter(other.eval.values()))) == len(next(iter(data.eval.values())))
+        for split in ("eval", "test"):
+            same = same and len(next(iter(getattr(other, split).values()))) == len(
+                next(iter(getattr(data, split).values()))
+            )
         if not same:
             raise ValueError(
                 f"configs[{i}].task ({configs[i].label}) cannot share a batch with configs[0].task ({first.label}): "
                 "sub-episodes of one batch need the same task kind and tensor shapes (same loss, sequence length "
-                "and evaluation-set size); their planted teachers, seeds and data may differ"
+                "and evaluation-set sizes); their planted teachers, seeds and data may differ"
             )
 
 
@@ -279,9 +286,11 @@ class EpisodeBatch:
             instance.probes[key] = (norms, gains)
         return instance.probes[key]
 
-    def static_losses(self, i: int, allocations: Sequence[dict[str, int]], seeds: Sequence[int]) -> list[float]:
-        """Final loss of each allocation kept fixed for a whole episode of sub-episode i's instance, started
-        from its seed (budget not enforced), all trained together. Sub-episodes are left as they were."""
+    def static_losses(
+        self, i: int, allocations: Sequence[dict[str, int]], seeds: Sequence[int], split: str = "eval"
+    ) -> list[float]:
+        """Final loss on `split` of each allocation kept fixed for a whole episode of sub-episode i's instance,
+        started from its seed (budget not enforced), all trained together. Sub-episodes are left as they were."""
         c, data = self.config, self.subs[i].data
         starts, orders = [], []
         for allocation, seed in zip(allocations, seeds, strict=True):
@@ -289,16 +298,21 @@ class EpisodeBatch:
             starts.append(([int(allocation.get(m.name, 0)) for m in self.modules], torch_seed))
             orders.append(order)
         steps = c.decisions * c.inner_steps
-        losses = self._train_apart(data, starts, orders, steps)
+        losses = self._train_apart(data, starts, orders, steps, split)
         self.total_optimizer_steps += steps * len(allocations)
         return [float(x) for x in losses]
 
     def _train_apart(
-        self, data: TaskData, starts: Sequence[tuple[list[int], int]], orders: Sequence[np.ndarray], steps: int
+        self,
+        data: TaskData,
+        starts: Sequence[tuple[list[int], int]],
+        orders: Sequence[np.ndarray],
+        steps: int,
+        split: str = "eval",
     ) -> np.ndarray:
         """Episodes apart from the sub-episodes, on one instance's `data`, trained together: episode k starts at
         starts[k] = (rank per module, seed of its adapters' generator) and takes `steps` steps in row order
-        orders[k]. Returns their evaluation losses."""
+        orders[k]. Returns their losses on `split`."""
         check_width_fits(len(starts), self._episode_bytes, torch.device(self.config.device), where="episodes")
         lora = self._new_lora(len(starts))
         for k, (ranks, seed) in enumerate(starts):
@@ -307,7 +321,7 @@ class EpisodeBatch:
         for step in range(steps):
             batches = [self.training_batch(data, order, step) for order in orders]
             train_step(self.target, lora, self.loss, batches, everyone)
-        return evaluate_losses(self.target, lora, [data] * len(starts), self.config.batch_size)
+        return evaluate_losses(self.target, lora, [data] * len(starts), self.config.batch_size, split)
 
     def draw_episode(self, rng: np.random.Generator, data: TaskData) -> tuple[int, np.ndarray]:
         """(adapter generator seed, row order) an episode on `data` draws from `rng` as it starts."""
@@ -349,9 +363,9 @@ class EpisodeBatch:
             episode = self.subs[i].episode
             episode.initial_loss = episode.loss = float(losses[i])
 
-    def evaluate(self) -> np.ndarray:
-        """Every sub-episode's loss on its task's fixed evaluation set, now."""
-        return evaluate_losses(self.target, self.lora, [s.data for s in self.subs], self.config.batch_size)
+    def evaluate(self, split: str = "eval") -> np.ndarray:
+        """Every sub-episode's loss on its task's `split` (the validation set by default), now."""
+        return evaluate_losses(self.target, self.lora, [s.data for s in self.subs], self.config.batch_size, split)
 
     def apply(self, i: int, moves: np.ndarray) -> None:
         """Shrinks first, then grows in a random order (from the sub-episode's generator), each skipped if it

@@ -12,11 +12,11 @@ from transformers import PretrainedConfig
 
 from strato_env.config import EnvConfig, TrainingProtocol
 from strato_env.models import (
-    TINY_PRESETS,
     TargetModule,
     find_target_modules,
     is_causal_lm,
     is_seq2seq,
+    is_tiny_preset,
     load_config,
     load_model,
 )
@@ -68,7 +68,7 @@ def _check_task_fits_model(task: str, model: str, config: PretrainedConfig) -> N
 
 def _build(config: EnvConfig) -> Instance:
     task = config.task
-    is_preset = config.model in TINY_PRESETS
+    is_preset = is_tiny_preset(config.model)
     _check_task_fits_model(task.name, config.model, load_config(config.model))  # before reading any data
     if task.name == "classification":
         rows = classification_rows(task)  # read the data before loading any weights
@@ -91,6 +91,7 @@ def _build(config: EnvConfig) -> Instance:
         data.modules_to_save = [name for name in ("classifier", "score") if hasattr(model, name)]
     data.train = {k: v.to(config.device) for k, v in data.train.items()}
     data.eval = {k: v.to(config.device) for k, v in data.eval.items()}
+    data.test = {k: v.to(config.device) for k, v in data.test.items()}
     return Instance(model=model, modules=modules, data=data, key=instance_key(config))
 
 

@@ -36,13 +36,14 @@ STACKS = ("decoder", "encoder")
 """Where a module sits: a decoder stack (decoder-only models, the decoder of an encoder-decoder) or an encoder."""
 
 
-def _tiny_config(name: str) -> PretrainedConfig:
-    if name == "gpt2-tiny":
+def _tiny_config(family: str, layers: int = 4, width: int = 64) -> PretrainedConfig:
+    """The config of a tiny preset: `layers` blocks (per stack for T5), hidden size `width`, 4 heads."""
+    if family == "gpt2":
         return GPT2Config(
             vocab_size=TINY_VOCAB,
             n_positions=128,
-            n_embd=64,
-            n_layer=4,
+            n_embd=width,
+            n_layer=layers,
             n_head=4,
             resid_pdrop=0.0,
             embd_pdrop=0.0,
@@ -51,12 +52,12 @@ def _tiny_config(name: str) -> PretrainedConfig:
             eos_token_id=TINY_VOCAB - 1,
             initializer_range=TINY_INIT_STD,
         )
-    if name == "llama-tiny":
+    if family == "llama":
         return LlamaConfig(
             vocab_size=TINY_VOCAB,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=4,
+            hidden_size=width,
+            intermediate_size=2 * width,
+            num_hidden_layers=layers,
             num_attention_heads=4,
             num_key_value_heads=2,
             max_position_embeddings=128,
@@ -65,38 +66,64 @@ def _tiny_config(name: str) -> PretrainedConfig:
             pad_token_id=0,
             initializer_range=TINY_INIT_STD,
         )
-    if name == "bert-tiny":
+    if family == "bert":
         return BertConfig(
             vocab_size=TINY_VOCAB,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=4,
+            hidden_size=width,
+            intermediate_size=2 * width,
+            num_hidden_layers=layers,
             num_attention_heads=4,
             max_position_embeddings=128,
             hidden_dropout_prob=0.0,
             attention_probs_dropout_prob=0.0,
             initializer_range=TINY_INIT_STD,
         )
-    if name == "t5-tiny":
-        return T5Config(
-            vocab_size=TINY_VOCAB,
-            d_model=64,
-            d_kv=16,
-            d_ff=128,
-            num_layers=2,
-            num_decoder_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            dropout_rate=0.0,
-            decoder_start_token_id=0,
-            pad_token_id=0,
-            eos_token_id=1,
-            initializer_factor=TINY_INIT_STD / 0.125,  # T5 scales by d_model ** -0.5 = 0.125: std 0.1 as the others
-        )
-    raise KeyError(name)
+    return T5Config(
+        vocab_size=TINY_VOCAB,
+        d_model=width,
+        d_kv=width // 4,
+        d_ff=2 * width,
+        num_layers=layers,
+        num_decoder_layers=layers,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        dropout_rate=0.0,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+        # T5 scales its init by d_model ** -0.5: std TINY_INIT_STD at any width
+        initializer_factor=TINY_INIT_STD * width**0.5,
+    )
 
 
 TINY_PRESETS = ("gpt2-tiny", "llama-tiny", "bert-tiny", "t5-tiny")
+"""The tiny presets at their default size: 4 blocks (2 per stack for t5-tiny) of width 64. A sized variant
+`FAMILY-tiny-LxW` (e.g. 'llama-tiny-6x96') has L blocks (per stack for T5) of width W."""
+TINY_LAYERS = (1, 12)
+TINY_WIDTHS = (16, 256)
+_TINY_NAME = re.compile(r"(gpt2|llama|bert|t5)-tiny(?:-(\d+)x(\d+))?")
+
+
+def tiny_preset(name: str) -> PretrainedConfig | None:
+    """The config of tiny preset `name` (see TINY_PRESETS), None if `name` is not one; a sized variant out of
+    range raises, naming what is allowed."""
+    match = _TINY_NAME.fullmatch(name) if isinstance(name, str) else None
+    if match is None:
+        return None
+    family, layers, width = match.group(1), match.group(2), match.group(3)
+    if layers is None:
+        return _tiny_config(family, layers=2 if family == "t5" else 4)
+    layers, width = int(layers), int(width)
+    if not TINY_LAYERS[0] <= layers <= TINY_LAYERS[1] or not TINY_WIDTHS[0] <= width <= TINY_WIDTHS[1] or width % 8:
+        raise ValueError(
+            f"model={name!r} is invalid: a sized tiny preset FAMILY-tiny-LxW needs {TINY_LAYERS[0]} <= L <= "
+            f"{TINY_LAYERS[1]} blocks and a width W in [{TINY_WIDTHS[0]}, {TINY_WIDTHS[1]}] divisible by 8"
+        )
+    return _tiny_config(family, layers, width)
+
+
+def is_tiny_preset(name: str) -> bool:
+    return tiny_preset(name) is not None
 
 
 @dataclass(frozen=True)
@@ -165,8 +192,8 @@ def hub_unreachable() -> str | None:
 
 def load_config(name: str) -> PretrainedConfig:
     """The transformers config of a preset, a local directory or a hub id (one clear error offline)."""
-    if name in TINY_PRESETS:
-        return _tiny_config(name)
+    if (config := tiny_preset(name)) is not None:
+        return config
     path = os.path.expanduser(name)
     looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
     if (looks_local or os.path.exists(path)) and not os.path.isdir(path):
@@ -206,7 +233,7 @@ def load_model(name: str, seed: int = 0, task: str = "planted", num_labels: int 
         auto = AutoModelForSeq2SeqLM
     else:
         auto = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
-    if name in TINY_PRESETS:
+    if is_tiny_preset(name):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = auto.from_config(config)

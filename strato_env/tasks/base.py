@@ -1,4 +1,4 @@
-"""What every task provides: a training pool, a fixed evaluation set and a loss."""
+"""What every task provides: a training pool, a validation set, a held-out test set and a loss."""
 
 from __future__ import annotations
 
@@ -10,13 +10,16 @@ import torch.nn.functional as F
 from torch import nn
 
 Batch = dict[str, torch.Tensor]
+SPLITS = ("eval", "test")
+"""Evaluation splits: 'eval' (validation: the env's loss and reward) and 'test' (held out, final numbers)."""
 Loss = Callable[..., torch.Tensor]
 
 
 @dataclass
 class TaskData:
-    """Tensors of one instance's task. Episodes draw training batches from `train` in a seeded order
-    and define their loss on all of `eval`."""
+    """Tensors of one instance's task. Episodes draw training batches from `train` in a seeded order and define
+    their loss (the env's reward, and whatever searches select on) on all of `eval`, the validation set; `test`
+    is held out from all of that, for final numbers only."""
 
     train: Batch
     eval: Batch
@@ -27,12 +30,25 @@ class TaskData:
     """Planted tasks: the ranks of the teacher's updates, i.e. the optimal allocation."""
     modules_to_save: list[str] = field(default_factory=list)
     """Modules trained in full besides LoRA (a classification head)."""
+    test: Batch = field(default_factory=dict)
+    """The held-out test set, disjoint from `train` and `eval`."""
 
     @classmethod
-    def split(cls, rows: Batch, n_train: int, loss: Loss, **fields) -> TaskData:
-        """The first `n_train` rows of every tensor for training, the rest for evaluation."""
-        train = {k: v[:n_train] for k, v in rows.items()}
-        return cls(train=train, eval={k: v[n_train:] for k, v in rows.items()}, loss=loss, **fields)
+    def split(cls, rows: Batch, n_train: int, n_eval: int, loss: Loss, **fields) -> TaskData:
+        """The first `n_train` rows of every tensor for training, the next `n_eval` for validation, the rest for
+        the test set."""
+
+        def cut(start: int, stop: int | None) -> Batch:
+            return {k: v[start:stop] for k, v in rows.items()}
+
+        end = n_train + n_eval
+        return cls(train=cut(0, n_train), eval=cut(n_train, end), test=cut(end, None), loss=loss, **fields)
+
+    def rows(self, split: str) -> Batch:
+        """The evaluation rows of `split`: 'eval' (validation) or 'test'."""
+        if split not in SPLITS:
+            raise ValueError(f"split={split!r} is invalid; allowed: {list(SPLITS)}")
+        return getattr(self, split)
 
     @property
     def train_size(self) -> int:

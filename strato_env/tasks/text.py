@@ -100,12 +100,15 @@ def load_rows(config: TaskConfig, split: str = "train"):
         ) from error
 
 
-def _choose(n_available: int, n_wanted: int, seed: int, what: str) -> np.ndarray:
-    if n_available < n_wanted:
+def _choose(n_available: int, config: TaskConfig, what: str) -> np.ndarray:
+    """Indices of the rows the task uses (training pool, then validation, then test), drawn from `data_seed`."""
+    wanted = config.train_examples + config.eval_examples + config.test_examples
+    if n_available < wanted:
         raise ValueError(
-            f"task.data holds {n_available} {what}, fewer than train_examples + eval_examples = {n_wanted}"
+            f"task.data holds {n_available} {what}, fewer than train_examples + eval_examples + test_examples = "
+            f"{wanted}"
         )
-    return np.random.default_rng(seed).permutation(n_available)[:n_wanted]
+    return np.random.default_rng(config.data_seed).permutation(n_available)[:wanted]
 
 
 def build_causal_lm(config: TaskConfig, tokenize: Tokenize) -> TaskData:
@@ -118,8 +121,8 @@ def build_causal_lm(config: TaskConfig, tokenize: Tokenize) -> TaskData:
         raise ValueError(f"task.data={config.data!r} is invalid: it holds no text; expected non-empty UTF-8 text")
     n_blocks = len(tokens) // config.seq_len
     blocks = torch.tensor(tokens[: n_blocks * config.seq_len]).view(n_blocks, config.seq_len)
-    chosen = blocks[_choose(n_blocks, config.train_examples + config.eval_examples, config.data_seed, "blocks")]
-    return TaskData.split({"input_ids": chosen}, config.train_examples, causal_lm_loss)
+    chosen = blocks[_choose(n_blocks, config, "blocks")]
+    return TaskData.split({"input_ids": chosen}, config.train_examples, config.eval_examples, causal_lm_loss)
 
 
 def classification_rows(config: TaskConfig):
@@ -172,7 +175,7 @@ def _padded(texts: list[str], tokenize: Tokenize, length: int, pad: int) -> tupl
 
 def build_seq2seq(config: TaskConfig, rows, tokenize: Tokenize, pad_id: int) -> TaskData:
     """Source -> target pairs for an encoder-decoder; the loss is the model's own on the target tokens."""
-    chosen = _choose(len(rows), config.train_examples + config.eval_examples, config.data_seed, "rows").tolist()
+    chosen = _choose(len(rows), config, "rows").tolist()
     sources, targets = rows[config.source_column], rows[config.target_column]
     input_ids, attention_mask = _padded([sources[i] for i in chosen], tokenize, config.seq_len, pad_id)
     labels, label_mask = _padded([targets[i] for i in chosen], tokenize, config.seq_len, pad_id)
@@ -181,13 +184,13 @@ def build_seq2seq(config: TaskConfig, rows, tokenize: Tokenize, pad_id: int) -> 
         "attention_mask": attention_mask,
         "labels": labels.masked_fill(label_mask == 0, -100),
     }
-    return TaskData.split(data, config.train_examples, seq2seq_loss)
+    return TaskData.split(data, config.train_examples, config.eval_examples, seq2seq_loss)
 
 
 def build_classification(config: TaskConfig, rows, tokenize: Tokenize, pad_id: int) -> TaskData:
-    chosen = _choose(len(rows), config.train_examples + config.eval_examples, config.data_seed, "rows").tolist()
+    chosen = _choose(len(rows), config, "rows").tolist()
     texts, labels = rows[config.text_column], rows[config.label_column]
     input_ids, attention_mask = _padded([texts[i] for i in chosen], tokenize, config.seq_len, pad_id)
     label_tensor = torch.tensor([int(labels[i]) for i in chosen])
     data = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_tensor}
-    return TaskData.split(data, config.train_examples, classification_loss)
+    return TaskData.split(data, config.train_examples, config.eval_examples, classification_loss)

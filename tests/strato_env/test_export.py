@@ -27,7 +27,7 @@ def sentiment_csv(tmp_path):
     random.seed(0)
     words = {0: ["dull", "bad", "awful", "boring"], 1: ["great", "fine", "lovely", "bright"]}
     rows = ["text,label"]
-    for i in range(120):
+    for i in range(160):
         label = i % 2
         rows.append(f"{' '.join(random.choices(words[label], k=5))},{label}")
     path = tmp_path / "sentiment.csv"

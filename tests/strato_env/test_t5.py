@@ -87,7 +87,7 @@ def pairs_csv(tmp_path_factory) -> str:
     rng = random.Random(0)
     words = ["red", "blue", "cat", "dog", "sun", "moon", "tree", "river"]
     rows = ["source,target"]
-    for _ in range(80):
+    for _ in range(112):
         source = [rng.choice(words) for _ in range(3)]
         rows.append(f"{' '.join(source)},{' '.join(reversed(source))}")
     path = tmp_path_factory.mktemp("seq2seq") / "pairs.csv"

@@ -157,7 +157,7 @@ def test_sub_episodes_with_trained_heads_equal_their_single_envs(tmp_path):
     """Classification: every sub-episode trains its own head as well as its LoRA factors."""
     rng = np.random.default_rng(0)
     words = {0: ["dull", "bad", "awful"], 1: ["great", "fine", "lovely"]}
-    rows = ["text,label"] + [f"{' '.join(rng.choice(words[i % 2], 4))},{i % 2}" for i in range(96)]
+    rows = ["text,label"] + [f"{' '.join(rng.choice(words[i % 2], 4))},{i % 2}" for i in range(128)]
     (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
     task = {"name": "classification", "data": str(tmp_path / "labels.csv"), "train_examples": 64, "eval_examples": 16}
     config = EnvConfig(model="bert-tiny", task=task, budget=20000, **SETTINGS)
