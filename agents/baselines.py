@@ -98,11 +98,12 @@ class AdaLoraOptions:
     """Options of peft's AdaLoRA (see `adalora`)."""
 
     init_r: int | None = None
-    """Initial rank of every module (None: r_max / 2, or r_max if the budget's average rank reaches that)."""
-    tinit_fraction: float = 0.1
+    """Initial rank of every module (None: r_max, so that any module can end at r_max)."""
+    tinit_fraction: float = 0.2
     """Share of the steps before budgeting starts (peft's tinit)."""
     tfinal_fraction: float = 0.3
-    """Share of the steps after budgeting ends (peft's tfinal)."""
+    """Share of the steps after budgeting ends (peft's tfinal); with tinit_fraction 0.2 the budget decreases over
+    half the run, as AdaLoRA's authors advise."""
     delta_t: int = 1
     """Steps between two budget updates (peft's deltaT)."""
     orth_reg_weight: float = 0.5
@@ -163,7 +164,7 @@ class _StaticTrials:
         in one batch, each charged one episode at its first place; a repeated allocation is looked up and costs
         no steps. The caller keeps the new ones within `affordable()`."""
         new = {self._key(a): a for a in allocations if self.is_new(a)}
-        losses = self.env.evaluate_allocations(list(new.values()), [self.seed] * len(new))
+        losses = self.env.evaluate_allocations(list(new.values()), [self.seed] * len(new)) if new else []
         self._cache.update(zip(new, losses, strict=True))
         results = []
         for allocation in allocations:
@@ -221,6 +222,27 @@ def uniform(
     _options(NoOptions, "uniform", options)
     _step_limit(max_optimizer_steps, 0)
     return SearchResult("uniform", uniform_allocation(env), 0)
+
+
+def linear_depth(
+    env: RankAllocationEnv, seed: int = 0, max_optimizer_steps: int | None = None, **options: Any
+) -> SearchResult:
+    """Ranks that grow linearly with depth (PRILoRA's rule): module j gets the ladder rank at or below
+    c * (1 + depth_j), with the largest c whose allocation fits the budget; what is left grows the deepest
+    modules first. No search: 0 optimizer steps."""
+    _options(NoOptions, "linear_depth", options)
+    _step_limit(max_optimizer_steps, 0)
+    weights = [1.0 + m.depth for m in env.modules]
+
+    def index_at(c: float) -> list[int]:
+        return [max(i for i, r in enumerate(env.ladder) if r <= c * w) for w in weights]
+
+    low, high = 0.0, float(env.ladder[-1])
+    for _ in range(40):  # bisection on c: the allocation's cost grows with c
+        middle = (low + high) / 2
+        low, high = (middle, high) if env.params_of(_allocation(env, index_at(middle))) <= env.budget else (low, middle)
+    index = _fill(env, index_at(low), lambda fitting: max(fitting, key=lambda slot: (weights[slot], -slot)))
+    return SearchResult("linear_depth", _allocation(env, index), 0)
 
 
 def random_allocation(env: RankAllocationEnv, rng: np.random.Generator) -> dict[str, int]:
@@ -309,7 +331,8 @@ def _orthogonal_regularization(model: nn.Module) -> torch.Tensor:
 
 def _to_ladder(env: RankAllocationEnv, raw: dict[str, int], singular_values: dict[str, list[float]]) -> dict[str, int]:
     """Round each raw rank down to the ladder; while over budget, step down the module that loses the least
-    |singular value| mass per parameter freed (AdaLoRA budgets ranks, not parameters)."""
+    |singular value| mass per parameter freed (AdaLoRA budgets ranks, not parameters); then, while a grow fits,
+    grow the module that regains the most kept mass per parameter (so rounding does not leave budget unused)."""
     ladder = env.ladder
     allocation = {name: max(r for r in ladder if r <= rank) for name, rank in raw.items()}
     per_rank = {m.name: m.params_per_rank for m in env.modules}
@@ -323,7 +346,25 @@ def _to_ladder(env: RankAllocationEnv, raw: dict[str, int], singular_values: dic
     while env.params_of(allocation) > env.budget:
         name = min((n for n, r in allocation.items() if r > 0), key=loss_per_param)
         allocation[name] = ladder[ladder.index(allocation[name]) - 1]
-    return allocation
+
+    def gain_per_param(name: str) -> float:
+        rank = allocation[name]
+        upper = ladder[ladder.index(rank) + 1]
+        kept = sorted((abs(v) for v in singular_values[name] if v != 0), reverse=True)
+        return sum(kept[rank:upper]) / ((upper - rank) * per_rank[name])
+
+    while True:
+        params = env.params_of(allocation)
+        growable = [
+            n
+            for n, r in allocation.items()
+            if r < ladder[-1] and params + (ladder[ladder.index(r) + 1] - r) * per_rank[n] <= env.budget
+        ]
+        growable = [n for n in growable if gain_per_param(n) > 0]
+        if not growable:
+            return allocation
+        name = max(growable, key=gain_per_param)
+        allocation[name] = ladder[ladder.index(allocation[name]) + 1]
 
 
 def _train_adalora(
@@ -358,12 +399,12 @@ def adalora(
 ) -> AdaLoraResult:
     """peft's AdaLoRA trained for one episode on the env's task; its final ranks mapped to the ladder.
 
-    - `init_r` (default r_max / 2, or r_max if the budget's average rank reaches that); `lora_alpha = init_r`
+    - `init_r` (default r_max, so that every module can end at r_max); `lora_alpha = init_r`
       so the update's scaling is 1 as in the env. AdaLoRA budgets total rank, not parameters: its allocator's
       `target_bgt` is set to `(budget - extra params) / mean parameters per rank` (peft's integer `target_r`
       is that divided by the module count, rounded down).
     - Schedule: `total_step` = episode length (or `max_optimizer_steps` if smaller), `tinit = tinit_fraction *
-      total_step` (0.1), `tfinal = max(1, tfinal_fraction * total_step)` (0.3), `deltaT = delta_t` (1);
+      total_step` (0.2), `tfinal = max(1, tfinal_fraction * total_step)` (0.3), `deltaT = delta_t` (1);
       `update_and_allocate(step)` after every optimizer step, steps numbered from 1 so the final masking at
       `total_step - tfinal` happens.
     - Training: AdamW at the env's learning rate, batches in the order an env episode from `seed` draws;
@@ -377,11 +418,7 @@ def adalora(
     settings = _options(AdaLoraOptions, "adalora", options)
     n = len(env.modules)
     total_rank = (env.budget - env.extra_params) * n // sum(m.params_per_rank for m in env.modules)
-    r_max = env.ladder[-1]
-    init_r = settings.init_r
-    if init_r is None:
-        half = min(r for r in env.ladder if r >= r_max / 2)
-        init_r = half if total_rank < half * n else r_max
+    init_r = settings.init_r or env.ladder[-1]
     total_step = min(_episode_steps(env), _step_limit(max_optimizer_steps, _episode_steps(env)))
     tinit = int(settings.tinit_fraction * total_step)
     tfinal = max(1, int(settings.tfinal_fraction * total_step))
@@ -434,10 +471,12 @@ def adalora(
 def tpe(env: RankAllocationEnv, seed: int = 0, max_optimizer_steps: int | None = None, **options: Any) -> SearchResult:
     """Optuna's TPE over static allocations: one categorical ladder rank per module, one static trial each.
 
-    A proposal over budget is told PRUNED without training (0 steps; TPE ranks pruned trials below every
-    complete one); a repeated proposal reuses its loss (0 steps). Options: `n_startup_trials` (default 10,
-    Optuna's; pruned proposals count), `max_proposals` (default 1000) caps all proposals, `batch` (default 1)
-    proposals trained together.
+    A proposal over budget is repaired before training: the highest-ranked module (ties: the costliest per rank,
+    then the later) shrinks one ladder step until it fits, and TPE is told the repaired allocation's loss for
+    its proposal (on small budgets nearly every raw proposal is over, and pruning them all would leave TPE
+    nothing to learn from). A repeated allocation reuses its loss (0 steps). Options: `n_startup_trials`
+    (default 10, Optuna's), `max_proposals` (default 1000) caps all proposals, `batch` (default 1) proposals
+    trained together.
     """
     settings = _options(TPEOptions, "tpe", options)
     trials = _StaticTrials(env, seed, max_optimizer_steps)
@@ -454,11 +493,11 @@ def tpe(env: RankAllocationEnv, seed: int = 0, max_optimizer_steps: int | None =
             while proposals < settings.max_proposals and len(asked) < min(settings.batch, trials.affordable()):
                 trial = study.ask()
                 proposals += 1
-                allocation = {m.name: trial.suggest_categorical(m.name, list(env.ladder)) for m in env.modules}
-                if env.params_of(allocation) > env.budget:
-                    study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-                    continue
-                asked.append((trial, allocation))
+                index = [env.ladder.index(trial.suggest_categorical(m.name, list(env.ladder))) for m in env.modules]
+                while env.params_of(_allocation(env, index)) > env.budget:
+                    slot = max(range(len(index)), key=lambda j: (index[j], env.modules[j].params_per_rank, j))
+                    index[slot] -= 1
+                asked.append((trial, _allocation(env, index)))
             for (trial, _), loss in zip(asked, trials.evaluate([a for _, a in asked]), strict=True):
                 study.tell(trial, loss)
     finally:

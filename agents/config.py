@@ -15,6 +15,7 @@ from agents.go_explore import GoExploreConfig
 from agents.methods import method, trainable_agents
 from agents.ppo.train import PPOConfig
 from strato_env.config import EnvConfig, field_docs, from_dict
+from strato_env.validation import is_int
 
 
 def merge(*configs: dict[str, Any]) -> dict[str, Any]:
@@ -45,35 +46,83 @@ def read_config(path: str | None, overrides: list[str] | None, kind: str) -> dic
     return merge(values, parse_overrides(overrides or []))
 
 
+INSTANCE_SETS = ("train_instances", "validation_instances", "test_instances")
+
+
+def expand_instances(instances: list[dict[str, Any]], where: str) -> list[dict[str, Any]]:
+    """`instances` with each `{generated: {models: [...], seeds: [...]}}` entry replaced by one generated
+    planted instance per model and generator seed (`task.profile=generated`, `task.data_seed=seed`), in that
+    order; other entries are kept as they are."""
+    expanded = []
+    for i, instance in enumerate(instances):
+        if "generated" not in instance:
+            expanded.append(instance)
+            continue
+        spec = instance["generated"]
+        at = f"{where}[{i}].generated"
+        if len(instance) != 1 or not isinstance(spec, dict) or set(spec) != {"models", "seeds"}:
+            raise ValueError(f"{at}={spec!r} is invalid: expected {{generated: {{models: [...], seeds: [...]}}}} alone")
+        models, seeds = spec["models"], spec["seeds"]
+        if not isinstance(models, list) or not models or not all(isinstance(m, str) for m in models):
+            raise ValueError(f"{at}.models={models!r} is invalid: expected a non-empty list of model names")
+        if not isinstance(seeds, list) or not seeds or not all(is_int(s) and s >= 0 for s in seeds):
+            raise ValueError(f"{at}.seeds={seeds!r} is invalid: expected a non-empty list of integers >= 0")
+        expanded += [{"model": m, "task": {"profile": "generated", "data_seed": s}} for m in models for s in seeds]
+    return expanded
+
+
 def check_instances(config: Any) -> None:
-    """`env` is a mapping and `train_instances` / `test_instances` are lists of mappings."""
+    """`env` is a mapping and the instance sets are lists of mappings; `generated` entries are expanded."""
     if not isinstance(config.env, dict):
         raise ValueError(f"env={config.env!r} is invalid: expected a mapping of EnvConfig fields")
-    for key in ("train_instances", "test_instances"):
-        value = getattr(config, key)
+    for key in INSTANCE_SETS:
+        value = getattr(config, key, None)
+        if value is None:
+            continue
         if not isinstance(value, list) or not all(isinstance(i, dict) for i in value):
             raise ValueError(f"{key}={value!r} is invalid: expected a list of mappings of EnvConfig fields")
+        setattr(config, key, expand_instances(value, key))
 
 
 class InstanceSet:
-    """What configs with `env` (EnvConfig fields) and `train_instances` / `test_instances` (overrides of `env`)
-    share: labelled instances and their validated EnvConfig."""
+    """What configs with `env` (EnvConfig fields) and instance sets (overrides of `env`: `train_instances`,
+    `test_instances` and, in a benchmark, `validation_instances`) share: labelled instances and their validated
+    EnvConfig."""
 
     env: dict[str, Any]
     train_instances: list[dict[str, Any]]
     test_instances: list[dict[str, Any]]
 
     def labelled_instances(self) -> list[tuple[str, dict[str, Any]]]:
-        return [(f"train_instances[{i}]", x) for i, x in enumerate(self.train_instances)] + [
-            (f"test_instances[{i}]", x) for i, x in enumerate(self.test_instances)
-        ]
+        return [(f"{key}[{i}]", x) for key in INSTANCE_SETS for i, x in enumerate(getattr(self, key, None) or [])]
+
+    def check_disjoint(self) -> None:
+        """No instance is in two sets (the same model, task, target modules and seeds): a policy is never tested
+        or validated on what it trained on."""
+        from strato_env.instance import instance_key
+
+        seen: dict[str, str] = {}
+        for where, instance in self.labelled_instances():
+            config = self.env_config(instance, where)
+            key = instance_key(config)
+            first = seen.setdefault(key, where)
+            if first != where and first.split("[")[0] != where.split("[")[0]:
+                raise ValueError(
+                    f"{where} ({config.label}) is also {first}: train, validation and test instances must not overlap"
+                )
 
     def env_config(self, instance: dict[str, Any], where: str = "env") -> EnvConfig:
         """`env` updated by `instance`, validated; errors start with `where`."""
         try:
-            return from_dict(EnvConfig, merge(self.env, instance))
+            values = merge(self.env, instance)
+            values["model"] = self.resolve_model(values.get("model", EnvConfig.model))
+            return from_dict(EnvConfig, values)
         except ValueError as error:
             raise ValueError(f"{where}: {error}") from None
+
+    def resolve_model(self, model: Any) -> Any:
+        """The model an instance's `model` value stands for (a benchmark resolves its pretrained bases)."""
+        return model
 
 
 @dataclass
@@ -120,6 +169,7 @@ class TrainConfig(InstanceSet):
             raise ValueError("train_instances=[] is invalid: at least one instance is needed")
         for where, instance in self.labelled_instances():
             self.env_config(instance, where)  # every instance must be a valid EnvConfig, checked up front
+        self.check_disjoint()
 
     def to_dict(self) -> dict[str, Any]:
         values = {f.name: getattr(self, f.name) for f in fields(self)}

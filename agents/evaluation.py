@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from sb3_contrib import MaskablePPO
@@ -72,3 +73,32 @@ def run_policy_episode(model, env: RankAllocationEnv, seed: int, deterministic: 
         "actions": actions,
         "decisions": decisions,
     }
+
+
+def calibration_ratio(env: RankAllocationEnv, seed: int = 0, split: str = "eval") -> float:
+    """L_oracle / L_uniform of a planted instance at the env's budget, both trained statically for one episode
+    from `seed` (together, on the batched engine): how much a right allocation is worth on it."""
+    if env.oracle_allocation is None:
+        raise ValueError(f"{env.config.label} has no oracle: calibration needs a planted instance")
+    oracle, uniform = env.evaluate_allocations([env.oracle_allocation, uniform_allocation(env)], [seed, seed], split)
+    return oracle / uniform
+
+
+def paired_bootstrap(
+    differences: dict[Any, Sequence[float]], samples: int = 4000, seed: int = 0
+) -> tuple[float, float, float]:
+    """(mean, 2.5th, 97.5th percentile) of the mean paired difference, by a bootstrap that resamples instances
+    and, within each drawn instance, its seeds. `differences` maps each instance to its per-seed differences
+    (non-finite ones must be counted by the caller: they are left out here). The mean weights instances
+    alike. NaNs when no instance has a finite difference; a single value gives a zero-width interval."""
+    groups = [np.asarray([d for d in v if math.isfinite(d)], dtype=float) for v in differences.values()]
+    groups = [g for g in groups if len(g)]
+    if not groups:
+        return math.nan, math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    means = np.empty(samples)
+    for b in range(samples):
+        picks = rng.integers(len(groups), size=len(groups))
+        means[b] = np.mean([groups[i][rng.integers(len(groups[i]), size=len(groups[i]))].mean() for i in picks])
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(np.mean([g.mean() for g in groups])), float(low), float(high)

@@ -51,7 +51,9 @@ class Method:
     trainable: bool = False
     """`strato train agent=NAME` runs it: a learned policy, or a search that writes an archive."""
     fixed_options: tuple[str, ...] = ()
-    """Options the benchmark sets itself (from its step cap); a bench config may not set them."""
+    """Options the benchmark sets itself (a search's step cap, a policy's width); a bench config may not set them."""
+    anytime: bool = False
+    """A search under a step cap: the search track runs it once per cap of `search_steps`."""
     own_model: bool = False
     """Trains its own model rather than the env's, so it reports its optimizer steps itself."""
 
@@ -95,18 +97,21 @@ METHODS: dict[str, Method] = {
                _baseline(baselines.uniform), reference=True),
         Method("oracle", "the planted optimum (planted instances only)", baselines.NoOptions, _oracle, reference=True),
         Method("random", "random search over budget-filling allocations", baselines.RandomOptions,
-               _baseline(baselines.random_search)),
+               _baseline(baselines.random_search), anytime=True),
         Method("greedy", "greedy by the env's importance feature", baselines.GreedyOptions,
                _baseline(baselines.greedy), reads_importance=_always),
-        Method("tpe", "Optuna TPE over static allocations", baselines.TPEOptions, _baseline(baselines.tpe)),
+        Method("linear_depth", "ranks growing linearly with depth, filling the budget (PRILoRA-style)",
+               baselines.NoOptions, _baseline(baselines.linear_depth)),
+        Method("tpe", "Optuna TPE over static allocations", baselines.TPEOptions, _baseline(baselines.tpe),
+               anytime=True),
         Method("adalora", "peft's AdaLoRA, its final ranks mapped to the ladder", baselines.AdaLoraOptions,
                _baseline(baselines.adalora), own_model=True),
         Method("go_explore", "Go-Explore over rank schedules", GoExploreConfig, _go_explore,
                reads_importance=lambda options: options.importance_guided,
-               trainable=True, fixed_options=("max_optimizer_steps",)),
+               trainable=True, fixed_options=("max_optimizer_steps",), anytime=True),
         *(
             Method(name, summary, PolicyConfig if name == "a2c" else PPOConfig, learned=True,
-                   reads_importance=_always, trainable=True, fixed_options=("total_timesteps", "n_envs"))
+                   reads_importance=_always, trainable=True, fixed_options=("n_envs",))
             for name, summary in _POLICY_SUMMARIES.items()
         ),
     ]

@@ -6,6 +6,10 @@ of its own. Everything is validated when the config loads, per-method options in
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import inspect
+import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -13,8 +17,10 @@ from typing import Any
 from agents.config import InstanceSet, check_instances, merge, read_config
 from agents.methods import METHODS, Method, competitors
 from strato_env.config import EnvConfig, from_dict
-from strato_env.validation import check_int, fail, is_int, is_number
+from strato_env.validation import fail, is_int, is_number
 
+PRETRAINED = "pretrained:"
+"""Prefix of an instance's `model` that names a base of the benchmark's `pretrain` section."""
 PROTOCOL_KEYS = ("decisions", "inner_steps")
 """EnvConfig keys an instance may not override: they fix the length of every final-quality run."""
 
@@ -29,21 +35,30 @@ class BenchConfig(InstanceSet):
     env: dict[str, Any] = field(default_factory=dict)
     """EnvConfig fields shared by every instance."""
     train_instances: list[dict[str, Any]] = field(default_factory=list)
-    """Instances the learned policies train on, one sub-episode each on the batched engine; overrides on top of
-    `env`."""
+    """Instances the learned policies meta-train on, one sub-episode each on the batched engine; overrides on top
+    of `env`. An entry `{generated: {models: [...], seeds: [...]}}` stands for one generated planted instance
+    per model and generator seed."""
+    validation_instances: list[dict[str, Any]] = field(default_factory=list)
+    """Instances for choosing settings (never the test set); disjoint from the other two sets."""
     test_instances: list[dict[str, Any]] = field(default_factory=list)
-    """Held-out instances: every method runs on each of them (policies only act, without training)."""
+    """Held-out instances the report is about: every method runs on each of them (policies only act, without
+    training); never used for training or tuning."""
     methods: list[str] = field(default_factory=competitors)
     """Methods compared; the references (uniform LoRA, and the oracle on planted instances) always run."""
     seeds: list[int] = field(default_factory=lambda: [0])
     """Seeds of every method and of its final-quality run."""
-    search_steps: int = 800
-    """Cap on the optimizer steps each method may spend to find its allocation."""
+    search_steps: list[int] = field(default_factory=lambda: [800])
+    """Search track: the caps on the optimizer steps a search method (random, tpe, go_explore) may spend on one
+    instance; it runs once per cap, which gives its anytime curve."""
     budget_scales: list[float] = field(default_factory=lambda: [1.0])
     """Each instance's budget is multiplied by each scale (1.0 must be present: references are taken there)."""
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Per-method options: `options.<method>` holds the fields of that method's options dataclass (see
     `agents.methods.METHODS`), except those the benchmark sets from `search_steps`."""
+    pretrain: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Base models to pretrain before any cell runs: NAME -> `strato pretrain` arguments (model, data, steps,
+    ...). An instance with `model: pretrained:NAME` runs on it. Each lives in `runs_dir`/pretrained/ under a name
+    that holds a hash of its arguments, so a base already pretrained with the same arguments costs nothing."""
     runs_dir: str = "runs"
     """Folder under which the benchmark's run folder is created."""
     quick: dict[str, Any] = field(default_factory=dict)
@@ -56,10 +71,18 @@ class BenchConfig(InstanceSet):
                 fail("methods", name, f"allowed: {list(METHODS)}")
         for name in self.options:
             self.method_options(name)  # validates
-        check_int("search_steps", self.search_steps, 1)
-        if self.search_steps < self.episode_steps:
-            fail("search_steps", self.search_steps, f"expected >= one episode ({self.episode_steps} optimizer "
-                 "steps: decisions x inner_steps)")  # fmt: skip
+        self._check_pretrain()
+        steps = self.search_steps
+        if (
+            not isinstance(steps, list)
+            or not steps
+            or not all(is_int(s) for s in steps)
+            or len(set(steps)) < len(steps)
+        ):
+            fail("search_steps", steps, "expected a non-empty list of distinct integers, e.g. [160, 800, 3200]")
+        if min(steps) < self.episode_steps:
+            fail("search_steps", steps, f"every cap must be >= one episode ({self.episode_steps} optimizer steps: "
+                 "decisions x inner_steps)")  # fmt: skip
         if self.policies and not self.train_instances:
             raise ValueError(f"train_instances=[] is invalid: the policies {self.policies} need one to train on")
         for where, instance in self.labelled_instances():
@@ -67,6 +90,7 @@ class BenchConfig(InstanceSet):
                 if key in instance:
                     raise ValueError(f"{where}.{key}: set it in env, not per instance (it fixes the run length)")
             self.env_config(instance, where)
+        self.check_disjoint()
         if self.quick:
             values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "quick"}
             try:
@@ -87,9 +111,17 @@ class BenchConfig(InstanceSet):
         scales = self.budget_scales
         if not isinstance(scales, list) or not all(is_number(s) and s > 0 for s in scales) or 1.0 not in scales:
             fail("budget_scales", scales, "expected a list of numbers > 0 that holds 1.0")
-        for key in ("options", "quick"):
+        for key in ("options", "quick", "pretrain"):
             if not isinstance(getattr(self, key), dict):
                 fail(key, getattr(self, key), "expected a mapping")
+
+    def _check_pretrain(self) -> None:
+        from strato_env.pretrain import pretrain
+
+        allowed = [p for p in inspect.signature(pretrain).parameters if p != "out"]
+        for out, arguments in self.pretrain.items():
+            if not isinstance(arguments, dict) or not {"model", "data"} <= set(arguments) <= set(allowed):
+                fail(f"pretrain.{out}", arguments, f"expected a mapping with model and data, keys from {allowed}")
 
     # ---- derived --------------------------------------------------------------------------------------------
     def method_options(self, name: str) -> Any:
@@ -100,13 +132,13 @@ class BenchConfig(InstanceSet):
         given = self.options.get(name, {})
         for key in method.fixed_options:
             if isinstance(given, dict) and key in given:
-                raise ValueError(f"options.{name}.{key}: set by the benchmark from search_steps, not an option")
+                raise ValueError(f"options.{name}.{key}: set by the benchmark, not an option")
         return method.parse_options(given, f"options.{name}.")
 
     @property
     def episode_steps(self) -> int:
-        config = self.env_config({})
-        return config.decisions * config.inner_steps
+        """Optimizer steps of one episode (decisions x inner_steps, which instances may not override)."""
+        return self.env.get("decisions", EnvConfig.decisions) * self.env.get("inner_steps", EnvConfig.inner_steps)
 
     @property
     def policies(self) -> list[str]:
@@ -121,14 +153,33 @@ class BenchConfig(InstanceSet):
         """The instance's env; with `scale != 1` its budget (given or default) is multiplied by `scale`."""
         from strato_env.env import RankAllocationEnv
 
-        env = RankAllocationEnv(self.env_config(instance))
+        config = self.env_config(instance)
+        env = RankAllocationEnv(config)
         if scale != 1.0:
-            scaled = merge(self.env, instance, {"budget": int(env.budget * scale)})
-            env = RankAllocationEnv(from_dict(EnvConfig, scaled))
+            env = RankAllocationEnv(dataclasses.replace(config, budget=int(env.budget * scale)))
         return env
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def pretrained_path(self, name: str) -> Path:
+        arguments = json.dumps(self.pretrain[name], sort_keys=True)
+        return Path(self.runs_dir) / "pretrained" / f"{name}-{hashlib.sha256(arguments.encode()).hexdigest()[:8]}"
+
+    def resolve_model(self, model: Any) -> Any:
+        if not isinstance(model, str) or not model.startswith(PRETRAINED):
+            return model
+        name = model.removeprefix(PRETRAINED)
+        if name not in self.pretrain:
+            fail("model", model, f"names no base of `pretrain`; allowed: {[PRETRAINED + n for n in self.pretrain]}")
+        return str(self.pretrained_path(name))
+
+    def pretrain_bases(self) -> None:
+        """Pretrain (or reuse) every base model of `pretrain`."""
+        from strato_env.pretrain import pretrain
+
+        for name, arguments in self.pretrain.items():
+            pretrain(out=str(self.pretrained_path(name)), **arguments)
 
 
 def load_bench_config(path: str | None = None, overrides: list[str] | None = None, quick: bool = False) -> BenchConfig:

@@ -1,4 +1,4 @@
-"""A benchmark's plots: best loss against search cost, loss against parameters, and the best allocations."""
+"""A benchmark's plots: gap closed against search cost, loss against parameters, and the best allocations."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from agents.bench.config import BenchConfig
-from agents.evaluation import mean_ci
+from agents.evaluation import paired_bootstrap
 from agents.runs import draw_ranks, plt
 from strato_env.models import find_target_modules, load_model
 
@@ -19,83 +19,57 @@ def _colors(methods: Sequence[str]) -> dict[str, Any]:
     return {m: palette(i % 10) for i, m in enumerate(methods)}
 
 
-def _best_so_far(history: list[list[float]], grid: np.ndarray) -> np.ndarray:
-    """The best loss seen by each grid point of optimizer steps (NaN before the first point)."""
-    values = np.full(len(grid), np.nan)
-    best = math.inf
-    points = sorted((s, v if math.isfinite(v) else math.inf) for s, v in history)
-    index = 0
-    for g, x in enumerate(grid):
-        while index < len(points) and points[index][0] <= x:
-            best = min(best, points[index][1])
-            index += 1
-        if math.isfinite(best):
-            values[g] = best
-    return values
-
-
-def best_so_far_plot(config: BenchConfig, cells: list[dict[str, Any]], labels: list[str]) -> plt.Figure:
-    """Per instance: best loss seen against optimizer steps spent, mean over seeds with a 95% CI band."""
-    grid = np.linspace(0, config.search_steps, 120)
-    methods = list(dict.fromkeys(c["method"] for c in cells))
+def anytime_plot(rows: list[dict[str, Any]]) -> plt.Figure:
+    """Gap closed on the test instances against the optimizer steps spent per instance (budget scale 1): one
+    curve per search over its caps, one point per other method; 95% bootstrap intervals over instances."""
+    ok = [r for r in rows if r["status"] == "ok" and r["budget_scale"] == 1.0 and math.isfinite(r["gap_closed"])]
+    methods = list(dict.fromkeys(r["method"] for r in ok))
     colors = _colors(methods)
-    figure, axes = plt.subplots(1, len(labels), figsize=(5 * len(labels), 3.8), squeeze=False)
-    for index, axis in enumerate(axes[0]):
-        for method in methods:
-            runs = [
-                c
-                for c in cells
-                if c["method"] == method and c["instance"] == index and c["scale"] == 1.0 and c["status"] == "ok"
-            ]
-            if not runs:
-                continue
-            if all(len(c["history"]) <= 1 for c in runs):  # one point per seed: its mean and CI
-                steps, loss = zip(*[c["history"][-1] for c in runs], strict=True)
-                (mean, half), x = mean_ci(loss), float(np.mean(steps))
-                axis.errorbar(x, mean, yerr=half if math.isfinite(half) else None, fmt="o", color=colors[method])
-                axis.plot([], [], "o", color=colors[method], label=method)
-                continue
-            curves = np.array([_best_so_far(c["history"], grid) for c in runs])
-            usable = ~np.isnan(curves).any(axis=0)
-            stats_ = [mean_ci(curves[:, g]) for g in range(len(grid))]
-            mean = np.array([m for m, _ in stats_])
-            half = np.nan_to_num(np.array([h for _, h in stats_]))
-            axis.plot(grid[usable], mean[usable], color=colors[method], label=method)
-            low, high = (mean - half)[usable], (mean + half)[usable]
-            axis.fill_between(grid[usable], low, high, color=colors[method], alpha=0.2)
-        axis.set(xlabel="optimizer steps spent", ylabel="best loss seen", yscale="log", title=labels[index])
-    axes[0][-1].legend(fontsize=7, loc="upper right")
+    figure, axis = plt.subplots(figsize=(6.4, 4.2))
+    for method in methods:
+        mine = [r for r in ok if r["method"] == method]
+        caps = sorted({r["search_steps"] for r in mine})
+        points = []
+        for cap in caps:
+            at = [r for r in mine if r["search_steps"] == cap]
+            by_instance: dict[str, list[float]] = {}
+            for r in at:
+                by_instance.setdefault(r["instance"], []).append(r["gap_closed"])
+            mean, low, high = paired_bootstrap(by_instance)
+            points.append((max(1.0, float(np.mean([r["optimizer_steps"] for r in at]))), mean, low, high))
+        x, mean, low, high = (np.array(v) for v in zip(*points, strict=True))
+        axis.errorbar(x, mean, yerr=[mean - low, high - mean], fmt="o-" if len(x) > 1 else "o", capsize=3,
+                      color=colors[method], label=method)  # fmt: skip
+    axis.axhline(0, color="grey", linewidth=0.8)
+    axis.axhline(1, color="grey", linewidth=0.8, linestyle="--")
+    axis.set(xscale="log", xlabel="optimizer steps per test instance (1 = none)", ylabel="gap closed (test)",
+             title="Gap closed against search cost")  # fmt: skip
+    axis.legend(fontsize=7, loc="best")
     figure.tight_layout()
     return figure
 
 
-def _pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    front, best = [], math.inf
-    for params, loss in sorted(points):
-        if loss < best:
-            front.append((params, loss))
-            best = loss
-    return front
-
-
-def loss_params_plot(cells: list[dict[str, Any]], labels: list[str]) -> plt.Figure:
-    """Per instance: every cell's final loss against its parameters, by method, with the Pareto front."""
-    methods = list(dict.fromkeys(c["method"] for c in cells))
+def loss_params_plot(rows: list[dict[str, Any]]) -> plt.Figure:
+    """Every finished cell's test loss relative to uniform LoRA's (same instance, seed and scale) against its
+    parameters as a share of the budget, by method."""
+    uniform = {(r["instance"], r["seed"], r["budget_scale"]): r["final_loss"] for r in rows if r["method"] == "uniform"}
+    methods = list(dict.fromkeys(r["method"] for r in rows))
     colors = _colors(methods)
-    figure, axes = plt.subplots(1, len(labels), figsize=(5 * len(labels), 3.8), squeeze=False)
-    for index, axis in enumerate(axes[0]):
-        mine = [c for c in cells if c["instance"] == index and c["status"] == "ok" and math.isfinite(c["final_loss"])]
-        for method in methods:
-            points = [(c["params"], c["final_loss"]) for c in mine if c["method"] == method]
-            if points:
-                axis.scatter(*zip(*points, strict=True), s=18, alpha=0.7, color=colors[method], label=method)
-        front = _pareto([(c["params"], c["final_loss"]) for c in mine])
-        if front:
-            axis.step(*zip(*front, strict=True), where="post", color="k", linewidth=1, label="Pareto front")
-        for budget in sorted({c["budget"] for c in mine}):
-            axis.axvline(budget, color="grey", linestyle="--", linewidth=0.8)
-        axis.set(xlabel="trainable parameters", ylabel="final loss", yscale="log", title=labels[index])
-    axes[0][-1].legend(fontsize=7)
+    figure, axis = plt.subplots(figsize=(6.4, 4.2))
+    for method in methods:
+        points = [
+            (r["params"] / r["budget"], r["final_loss"] / uniform[(r["instance"], r["seed"], r["budget_scale"])])
+            for r in rows
+            if r["method"] == method
+            and r["status"] == "ok"
+            and uniform.get((r["instance"], r["seed"], r["budget_scale"]))
+        ]
+        if points:
+            axis.scatter(*zip(*points, strict=True), s=14, alpha=0.6, color=colors[method], label=method)
+    axis.axhline(1, color="grey", linewidth=0.8)
+    axis.set(xlabel="parameters / budget", ylabel="test loss / uniform LoRA's", yscale="log",
+             title="Loss against parameters (every cell)")  # fmt: skip
+    axis.legend(fontsize=7, loc="best")
     figure.tight_layout()
     return figure
 

@@ -1,5 +1,5 @@
-"""What a benchmark writes once its cells are done: results.csv, summary.md (mean and 95% CI), the plots, and
-its section of a published RESULTS.md."""
+"""What a benchmark writes once its cells are done: results.csv, summary.md (the search and amortized tracks with
+paired statistics, then per-instance tables), the plots, and its section of a published RESULTS.md."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from agents.bench.config import BenchConfig
-from agents.bench.plots import best_so_far_plot, loss_params_plot, rank_plot
-from agents.evaluation import gap_closed, mean_ci
+from agents.bench.plots import anytime_plot, loss_params_plot, rank_plot
+from agents.evaluation import gap_closed, mean_ci, paired_bootstrap
 from agents.methods import METHODS
 from agents.runs import RunFolder
 from strato_env.files import write_atomic
@@ -27,11 +27,16 @@ COLUMNS = (
     "instance",
     "seed",
     "budget_scale",
+    "search_steps",
     "final_loss",
+    "static_loss",
     "params",
     "budget",
     "gap_closed",
+    "gap_reference",
     "optimizer_steps",
+    "meta_steps",
+    "meta_wall_s",
     "final_steps",
     "wall_s",
     "status",
@@ -39,6 +44,10 @@ COLUMNS = (
 )
 MATCH_TARGET = 0.7
 """Text instances: the goal is uniform LoRA's loss at this share of its parameters, or fewer."""
+ONE_SHOT = ("uniform", "greedy", "linear_depth", "adalora")
+"""Methods without a search that the amortized track compares policies with."""
+RANK_PLOTS = 4
+"""Rank plots are drawn for the first test instances only."""
 
 
 def instance_labels(config: BenchConfig) -> list[str]:
@@ -50,99 +59,234 @@ def instance_labels(config: BenchConfig) -> list[str]:
     return labels
 
 
+def method_label(row: dict[str, Any]) -> str:
+    """'random@800' for a search-track cell with a step cap, else the method's name."""
+    return f"{row['method']}@{row['search_steps']}" if row.get("search_steps") else row["method"]
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
 def table_rows(config: BenchConfig, cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One results.csv row per cell; gap closed against the uniform and oracle rows of the same instance, seed
-    and budget scale."""
+    """One results.csv row per cell. Gap closed is measured against uniform LoRA and the oracle of the same
+    instance, seed and budget scale where the oracle exists (planted, scale 1), else against the best final loss
+    any method reached there ('best found'). A finished cell whose final loss is not finite is a failure."""
     labels = instance_labels(config)
-    reference = {(c["method"], c["instance"], c["seed"], c["scale"]): c.get("final_loss") for c in cells}
+    ok = [c for c in cells if c["status"] == "ok" and _finite(c.get("final_loss"))]
+    reference: dict[tuple, float] = {}
+    best: dict[tuple, float] = {}
+    for c in ok:
+        where = (c["instance"], c["seed"], c["scale"])
+        if c["method"] in ("uniform", "oracle"):
+            reference[(c["method"], *where)] = c["final_loss"]
+        best[where] = min(best.get(where, math.inf), c["final_loss"])
     rows = []
     for c in cells:
-        ok = c["status"] == "ok"
-        uniform = reference.get(("uniform", c["instance"], c["seed"], c["scale"]))
-        oracle = reference.get(("oracle", c["instance"], c["seed"], c["scale"]))
-        gap = gap_closed(c["final_loss"], uniform, oracle) if ok else math.nan
+        where = (c["instance"], c["seed"], c["scale"])
+        status, error = c["status"], c.get("error", "")
+        if status == "ok" and not _finite(c.get("final_loss")):
+            status, error = "non-finite", f"final loss {c.get('final_loss')}"
+        good = status == "ok"
+        oracle = reference.get(("oracle", *where))
+        target = oracle if oracle is not None else best.get(where)
+        uniform = reference.get(("uniform", *where))
+        gap = gap_closed(c["final_loss"], uniform, target) if good else math.nan
         rows.append(
             {
                 "method": c["method"],
                 "instance": labels[c["instance"]],
                 "seed": c["seed"],
                 "budget_scale": c["scale"],
-                **{k: c.get(k, math.nan) if ok else math.nan for k in ("final_loss", "params", "budget")},
+                "search_steps": c.get("steps", 0),
+                **{k: c.get(k, math.nan) if good else math.nan for k in ("final_loss", "static_loss", "params")},
+                "budget": c.get("budget", math.nan) if good else math.nan,
                 "gap_closed": gap,
-                **{k: c.get(k, math.nan) if ok else math.nan for k in ("optimizer_steps", "final_steps")},
+                "gap_reference": "oracle" if oracle is not None else "best found",
+                **{
+                    k: c.get(k, math.nan) if good else math.nan
+                    for k in ("optimizer_steps", "meta_steps", "meta_wall_s", "final_steps")
+                },
                 "wall_s": round(c.get("wall_s", math.nan), 3),
-                "status": c["status"],
-                "error": c.get("error", ""),
+                "status": status,
+                "error": error,
             }
         )
     return rows
 
 
-# ---- summary.md ---------------------------------------------------------------------------------------------
+# ---- statistics over test instances -------------------------------------------------------------------------
+def _by_label(rows: list[dict[str, Any]], scale: float) -> dict[str, list[dict[str, Any]]]:
+    grouped: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        if row["budget_scale"] == scale:
+            grouped[method_label(row)].append(row)
+    return grouped
+
+
+def _per_instance(rows: list[dict[str, Any]], key: str) -> dict[str, list[float]]:
+    values: dict[str, list[float]] = defaultdict(list)
+    for row in rows:
+        values[row["instance"]].append(row[key])
+    return values
+
+
+def _paired(rows: list[dict[str, Any]], against: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """Per instance, the relative final-loss differences (L - L_ref) / L_ref of cells paired by seed."""
+    reference = {(r["instance"], r["seed"]): r["final_loss"] for r in against}
+    differences: dict[str, list[float]] = defaultdict(list)
+    for row in rows:
+        ref = reference.get((row["instance"], row["seed"]))
+        if ref is not None and _finite(ref) and _finite(row["final_loss"]) and ref > 0:
+            differences[row["instance"]].append((row["final_loss"] - ref) / ref)
+    return differences
+
+
+def _interval(mean: float, low: float, high: float, digits: str = ".3f", percent: bool = False) -> str:
+    if not math.isfinite(mean):
+        return "n/a"
+    scale, unit = (100.0, "%") if percent else (1.0, "")
+    text = f"{mean * scale:+{digits}}{unit} [{low * scale:+{digits}}, {high * scale:+{digits}}]"
+    if percent and (high < 0 or low > 0):  # a paired interval that excludes 0: a claim
+        text = f"**{text}**"
+    return text
+
+
+def _failures(rows: list[dict[str, Any]]) -> str:
+    failed = sum(r["status"] != "ok" for r in rows)
+    return f"{len(rows) - failed}/{len(rows)}"
+
+
+def _track_table(
+    labels: list[str],
+    grouped: dict[str, list[dict[str, Any]]],
+    uniform: list[dict[str, Any]],
+    greedy: list[dict[str, Any]],
+    extra: dict[str, str] | None = None,
+) -> list[str]:
+    """One row per method label: gap closed and paired Δ loss (bootstrap intervals), mean steps per instance,
+    the `extra` columns (title -> row key, means) and the cells that finished."""
+    extra = extra or {}
+    head = "| method | gap closed | vs uniform: Δ loss | vs greedy: Δ loss | steps per instance |"
+    lines = [head + "".join(f" {title} |" for title in extra) + " cells ok |", "|---" * (6 + len(extra)) + "|"]
+    for label in labels:
+        rs = grouped[label]
+        good = [r for r in rs if r["status"] == "ok"]
+        gap = _interval(*paired_bootstrap(_per_instance(good, "gap_closed")))
+        vs_uniform = _interval(*paired_bootstrap(_paired(good, uniform)), ".1f", percent=True)
+        vs_greedy = _interval(*paired_bootstrap(_paired(good, greedy)), ".1f", percent=True)
+        row = f"| {label} | {gap} | {vs_uniform} | {vs_greedy} |"
+        for key in ["optimizer_steps", *extra.values()]:
+            value = np.mean([r[key] for r in good]) if good else math.nan
+            row += f" {value:.0f} |" if math.isfinite(value) else " n/a |"
+        lines.append(row + f" {_failures(rs)} |")
+    return lines
+
+
+STATISTICS = (
+    "Gap closed = (L_uniform - L) / (L_uniform - L_ref), L_ref the planted oracle's loss (or, where there is none, "
+    "the best final loss any method reached on that instance, seed and scale). Δ loss = (L - L_ref) / L_ref paired "
+    "by instance and seed against uniform LoRA or greedy (negative: better). Every figure is the mean over test "
+    "instances of the mean over seeds, with a 95% bootstrap interval resampling instances and seeds within them; "
+    "**bold**: a paired interval that excludes 0, the only case a win (or a loss) is claimed. Failed and "
+    "non-finite cells are counted in 'cells ok' and left out of the means."
+)
+
+
+def _search_track(rows: list[dict[str, Any]]) -> list[str]:
+    grouped = _by_label(rows, 1.0)
+    uniform, greedy = grouped.get("uniform", []), grouped.get("greedy", [])
+    labels = [k for k in grouped if not METHODS[grouped[k][0]["method"]].learned]
+    if not labels:
+        return []
+    order = list(METHODS)
+    labels.sort(key=lambda k: (order.index(grouped[k][0]["method"]), grouped[k][0]["search_steps"]))
+    return [
+        "## Search track (test instances, budget scale 1)",
+        "",
+        "Each method searches each test instance on its own; `method@N` is a search capped at N optimizer steps "
+        "(its anytime curve), charged its probe if it reads one. The allocation found is trained statically for "
+        "one episode and scored on the test set.",
+        "",
+        *_track_table(labels, grouped, uniform, greedy),
+        "",
+    ]
+
+
+def _amortized_track(rows: list[dict[str, Any]]) -> list[str]:
+    grouped = _by_label(rows, 1.0)
+    policies = [k for k in grouped if METHODS[grouped[k][0]["method"]].learned]
+    if not policies:
+        return []
+    uniform, greedy = grouped.get("uniform", []), grouped.get("greedy", [])
+    labels = policies + [m for m in ONE_SHOT if m in grouped]
+    lines = [
+        "## Amortized track (test instances, budget scale 1)",
+        "",
+        "Policies are meta-trained once per seed on the train instances (meta steps and wall seconds, apart), then "
+        "act for one episode on each test instance: steps per instance = probe + that episode, and the score is "
+        "the test loss of the adapter that episode trained. One-shot methods for comparison: uniform LoRA's "
+        "episode, greedy (probe + one episode), linear-in-depth, AdaLoRA (one run).",
+        "",
+        *_track_table(labels, grouped, uniform, greedy, {"meta steps": "meta_steps", "meta wall s": "meta_wall_s"}),
+        "",
+    ]
+    searches = [k for k in grouped if METHODS[grouped[k][0]["method"]].anytime]
+    if searches:
+        lines += [
+            "Break-even: the number of test instances after which meta-training plus the policy's per-instance "
+            "steps cost fewer optimizer steps than the search on each; with the policy's paired Δ loss against it.",
+            "",
+            "| policy | search | Δ loss vs search | break-even instances |",
+            "|---|---|---|---|",
+        ]
+        for policy in policies:
+            good = [r for r in grouped[policy] if r["status"] == "ok"]
+            if not good:
+                continue
+            meta = np.mean([r["meta_steps"] for r in good])
+            own = np.mean([r["optimizer_steps"] for r in good])
+            for search in searches:
+                theirs = [r for r in grouped[search] if r["status"] == "ok"]
+                delta = _interval(*paired_bootstrap(_paired(good, theirs)), ".1f", percent=True)
+                cost = np.mean([r["optimizer_steps"] for r in theirs]) if theirs else math.nan
+                even = f"{math.ceil(meta / (cost - own))}" if cost > own else "never (the search is cheaper)"
+                lines.append(f"| {policy} | {search} | {delta} | {even} |")
+        lines.append("")
+    return lines
+
+
+def _instance_table(by_method: dict[str, list[dict[str, Any]]]) -> list[str]:
+    lines = [
+        "| method | final loss | gap closed | params / budget | steps | wall s | cells ok |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for method, rs in by_method.items():
+        ok = [r for r in rs if r["status"] == "ok"]
+        loss = _fmt(*mean_ci([r["final_loss"] for r in ok]))
+        gap = _fmt(*mean_ci([r["gap_closed"] for r in ok]), ".3f")
+        share = _fmt(*mean_ci([r["params"] / r["budget"] for r in ok]), ".3f")
+        steps = _fmt(*mean_ci([r["optimizer_steps"] for r in ok]), ".0f")
+        wall = _fmt(*mean_ci([r["wall_s"] for r in ok]), ".1f")
+        lines.append(f"| {method} | {loss} | {gap} | {share} | {steps} | {wall} | {_failures(rs)} |")
+    return lines
+
+
 def _fmt(mean: float, half: float, digits: str = ".4g") -> str:
     if not math.isfinite(mean):
         return "n/a"
     return f"{mean:{digits}}" + (f" ± {half:{digits}}" if math.isfinite(half) else "")
 
 
-def _groups(rows: list[dict[str, Any]]) -> dict[tuple[str, float], dict[str, list[dict[str, Any]]]]:
-    grouped: dict[tuple[str, float], dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
-    for row in rows:
-        grouped[(row["instance"], row["budget_scale"])][row["method"]].append(row)
-    return grouped
-
-
-def _instance_table(by_method: dict[str, list[dict[str, Any]]]) -> list[str]:
-    means = {m: mean_ci([r["final_loss"] for r in rs])[0] for m, rs in by_method.items()}
-    compared = {m: v for m, v in means.items() if not METHODS[m].reference and math.isfinite(v)}
-    best = min(compared, key=compared.get) if compared else None
-    lines = [
-        "| method | final loss | gap closed | params / budget | search steps | wall s | cells ok |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for method, rs in by_method.items():
-        ok = [r for r in rs if r["status"] == "ok"]
-        name = f"**{method}**" if method == best else method
-        loss = _fmt(*mean_ci([r["final_loss"] for r in ok]))
-        gap = _fmt(*mean_ci([r["gap_closed"] for r in ok]), ".3f")
-        share = _fmt(*mean_ci([r["params"] / r["budget"] for r in ok]), ".3f")
-        steps = _fmt(*mean_ci([r["optimizer_steps"] for r in ok]), ".0f")
-        wall = _fmt(*mean_ci([r["wall_s"] for r in ok]), ".1f")
-        lines.append(f"| {name} | {loss} | {gap} | {share} | {steps} | {wall} | {len(ok)}/{len(rs)} |")
-    return lines
-
-
-def _held_out_gaps(rows: list[dict[str, Any]]) -> list[str]:
-    """Gap closed per method over every held-out planted (instance, seed) at budget scale 1."""
-    gaps: dict[str, list[float]] = defaultdict(list)
-    for row in rows:
-        reference = METHODS[row["method"]].reference
-        if row["budget_scale"] == 1.0 and math.isfinite(row["gap_closed"]) and not reference:
-            gaps[row["method"]].append(row["gap_closed"])
-    if not gaps:
-        return []
-    lines = [
-        "## Gap closed over all held-out planted instances",
-        "",
-        "Mean and 95% CI over every (instance, seed) cell at budget scale 1.",
-        "",
-        "| method | gap closed | cells |",
-        "|---|---|---|",
-    ]
-    for method, values in sorted(gaps.items(), key=lambda item: -np.mean(item[1])):
-        lines.append(f"| {method} | {_fmt(*mean_ci(values), '.3f')} | {len(values)} |")
-    return lines + [""]
-
-
 def _parameters_to_match(rows: list[dict[str, Any]], planted: set[str]) -> list[str]:
     """Text instances: the fewest parameters (as a share of uniform's) at which a method matches uniform's loss."""
-    grouped = _groups(rows)
     lines: list[str] = []
     for instance in dict.fromkeys(r["instance"] for r in rows):
-        scales = sorted({s for (i, s) in grouped if i == instance})
+        mine = [r for r in rows if r["instance"] == instance]
+        scales = sorted({r["budget_scale"] for r in mine})
         if instance in planted or 1.0 not in scales:
             continue
-        uniform = grouped[(instance, 1.0)].get("uniform", [])
+        uniform = [r for r in mine if r["method"] == "uniform" and r["budget_scale"] == 1.0]
         target = mean_ci([r["final_loss"] for r in uniform])[0]
         params = mean_ci([r["params"] for r in uniform])[0]
         if not math.isfinite(target):
@@ -151,26 +295,28 @@ def _parameters_to_match(rows: list[dict[str, Any]], planted: set[str]) -> list[
             lines = [
                 "## Parameters needed to match uniform LoRA (no oracle)",
                 "",
-                f"Smallest budget scale whose mean final loss is at most uniform LoRA's at scale 1, and the "
+                f"Smallest budget scale whose mean test loss is at most uniform LoRA's at scale 1, and the "
                 f"parameters used there as a share of uniform's; the goal is {MATCH_TARGET}x or fewer.",
                 "",
                 "| instance | method | loss at scale 1 | matches at scale | params / uniform's | goal met |",
                 "|---|---|---|---|---|---|",
             ]
-        methods = dict.fromkeys(m for s in scales for m in grouped[(instance, s)])
-        for method in methods:
-            at_one = _fmt(*mean_ci([r["final_loss"] for r in grouped[(instance, 1.0)].get(method, [])]))
-            match = None
-            for scale in scales:
-                found = grouped[(instance, scale)].get(method, [])
-                if found and mean_ci([r["final_loss"] for r in found])[0] <= target:
-                    match = (scale, mean_ci([r["params"] for r in found])[0] / params)
-                    break
+        for label in dict.fromkeys(method_label(r) for r in mine):
+            at = {s: [r for r in mine if method_label(r) == label and r["budget_scale"] == s] for s in scales}
+            at_one = _fmt(*mean_ci([r["final_loss"] for r in at[1.0]]))
+            match = next(
+                (
+                    (s, mean_ci([r["params"] for r in at[s]])[0] / params)
+                    for s in scales
+                    if at[s] and mean_ci([r["final_loss"] for r in at[s]])[0] <= target
+                ),
+                None,
+            )
             if match is None:
-                lines.append(f"| {instance} | {method} | {at_one} | none | n/a | no |")
+                lines.append(f"| {instance} | {label} | {at_one} | none | n/a | no |")
             else:
                 goal = "yes" if match[1] <= MATCH_TARGET else "no"
-                lines.append(f"| {instance} | {method} | {at_one} | {match[0]:g} | {match[1]:.3f} | {goal} |")
+                lines.append(f"| {instance} | {label} | {at_one} | {match[0]:g} | {match[1]:.3f} | {goal} |")
     return lines + [""] if lines else []
 
 
@@ -183,31 +329,38 @@ def summary_markdown(
         for label, instance in zip(instance_labels(config), config.test_instances, strict=True)
         if config.env_config(instance).task.name == "planted"
     }
+    sets = ", ".join(
+        f"{len(getattr(config, key))} {key.split('_')[0]}"
+        for key in ("train_instances", "validation_instances", "test_instances")
+    )
     lines = [
         f"# Benchmark `{config.name}`",
         "",
         f"- Command: `{command or 'strato bench'}`",
-        f"- Cells: {len(rows)} ({len(rows) - len(failed)} finished, {len(failed)} failed); seeds {config.seeds}",
-        f"- Methods: {', '.join(dict.fromkeys(r['method'] for r in rows))}",
-        f"- Search cap: {config.search_steps} optimizer steps per cell; final-quality run: one episode of "
-        f"{config.episode_steps} optimizer steps from the cell's seed, for every method",
+        f"- Instances: {sets}. Every figure below comes from the test instances, scored on their held-out test "
+        "data (searches and policies select on validation data only), with final runs from seeds no search used.",
+        f"- Cells: {len(rows)} ({len(rows) - len(failed)} finished, {len(failed)} failed or non-finite); "
+        f"seeds {config.seeds}",
+        f"- Search caps: {config.search_steps} optimizer steps; final-quality run: one episode of "
+        f"{config.episode_steps} optimizer steps",
         "",
-        "Final loss: the method's allocation trained statically for one episode. Gap closed = (L_uniform - L) / "
-        "(L_uniform - L_oracle) at the same instance, seed and budget (planted instances). Mean ± 95% CI "
-        "(Student t) over seeds; **bold**: the best mean final loss per table, references excluded. Policies "
-        "(ppo, a2c, maskable_ppo) trained on the train instances and act once on each held-out one; their search "
-        "steps include their training.",
+        STATISTICS,
         "",
     ]
-    for (instance, scale), by_method in _groups(rows).items():
-        budgets = {r["budget"] for rs in by_method.values() for r in rs if r["status"] == "ok"}
-        budget = f"budget {budgets.pop()}" if len(budgets) == 1 else "budget n/a"
-        lines += [f"## {instance} ({budget}, scale {scale:g})", "", *_instance_table(by_method), ""]
-    lines += _held_out_gaps(rows)
+    lines += _search_track(rows)
+    lines += _amortized_track(rows)
     lines += _parameters_to_match(rows, planted)
+    lines += ["## Per test instance", "", "Mean ± 95% CI (Student t) over seeds.", ""]
+    grouped: dict[tuple[str, float], dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        grouped[(row["instance"], row["budget_scale"])][method_label(row)].append(row)
+    for (instance, scale), by_method in grouped.items():
+        budgets = {r["budget"] for rs in by_method.values() for r in rs if r["status"] == "ok"}
+        budget = f"budget {budgets.pop():.0f}" if len(budgets) == 1 else "budget n/a"
+        lines += [f"### {instance} ({budget}, scale {scale:g})", "", *_instance_table(by_method), ""]
     if failed:
         lines += ["## Failed cells", ""]
-        lines += [f"- {r['method']} on {r['instance']}, seed {r['seed']}: {r['error']}" for r in failed]
+        lines += [f"- {method_label(r)} on {r['instance']}, seed {r['seed']}: {r['error']}" for r in failed]
         lines.append("")
     lines += ["## Plots", ""] + [f"![{Path(name).stem}]({prefix}{name})" for name in images] + [""]
     return "\n".join(lines)
@@ -226,10 +379,10 @@ def write_report(
     labels = instance_labels(config)
     rows = table_rows(config, cells)
     folder.write_csv("results.csv", [{k: row[k] for k in COLUMNS} for row in rows])
-    images = ["best_so_far.png", "loss_vs_params.png"]
-    folder.save_figure(images[0], best_so_far_plot(config, cells, labels))
-    folder.save_figure(images[1], loss_params_plot(cells, labels))
-    for index, label in enumerate(labels):
+    images = ["anytime.png", "loss_vs_params.png"]
+    folder.save_figure(images[0], anytime_plot(rows))
+    folder.save_figure(images[1], loss_params_plot(rows))
+    for index, label in enumerate(labels[:RANK_PLOTS]):
         images.append(f"ranks_{_slug(label)}.png")
         folder.save_figure(images[-1], rank_plot(config, cells, index, label))
     folder.write_text("summary.md", summary_markdown(config, rows, command, images))

@@ -77,6 +77,7 @@ def run_bench(
     rows: dict[str, dict[str, Any]] = {}
     policies: dict[str, dict[str, Any]] = {}
     try:
+        config.pretrain_bases()
         for cell in cells:
             if (done := folder.finished_cell(cell)) is not None and done["status"] == "ok":
                 rows[cell.key] = done

@@ -140,10 +140,11 @@ def test_adalora_reads_back_its_rank_masks(env: RankAllocationEnv) -> None:
     for name in names:
         assert result.raw_ranks[name] == sum(result.rank_pattern[name])
         assert result.raw_ranks[name] == int(np.count_nonzero(result.singular_values[name]))
-        assert result.allocation[name] <= result.raw_ranks[name]
-    # AdaLoRA really pruned (update_and_allocate ran): from init_r = 8 on every module down to the budget.
+        # rounded to the ladder: down, or up one step where budget left over by rounding allows
+        assert result.allocation[name] <= min(r for r in env.ladder if r >= result.raw_ranks[name])
+    # AdaLoRA really pruned (update_and_allocate ran): from init_r = r_max on every module down to the budget.
     init_total = sum(len(mask) for mask in result.rank_pattern.values())
-    assert init_total == 8 * len(names)
+    assert init_total == env.ladder[-1] * len(names)
     assert 0 < sum(result.raw_ranks.values()) < init_total
 
 
@@ -187,3 +188,35 @@ def test_tpe_in_batches_is_seeded_and_within_its_limits(env: RankAllocationEnv, 
     assert runs[0].allocation == runs[1].allocation and runs[0].history == runs[1].history
     assert runs[0].optimizer_steps == 4 * EPISODE and len(counted) == 8
     assert all(env.params_of(allocation) <= env.budget for allocation in counted)
+
+
+def test_a_batch_of_repeated_allocations_is_looked_up_and_trains_nothing():
+    """TPE on a small instance proposes only allocations it has seen: such a batch costs no steps."""
+    from agents.baselines import _StaticTrials
+    from agents.evaluation import uniform_allocation
+
+    env = RankAllocationEnv(**SMALL)
+    trials = _StaticTrials(env, seed=0, max_optimizer_steps=None)
+    allocation = uniform_allocation(env)
+    first = trials.evaluate([allocation])
+    steps = env.total_optimizer_steps
+    assert trials.evaluate([allocation, allocation]) == first * 2
+    assert env.total_optimizer_steps == steps and trials.steps == EPISODE
+
+
+def test_linear_depth_gives_deeper_layers_more_and_leaves_no_grow_that_fits(env: RankAllocationEnv) -> None:
+    from agents.baselines import linear_depth
+
+    result = linear_depth(env)
+    allocation = result.allocation
+    assert result.optimizer_steps == 0
+    assert_on_ladder_within_budget(env, allocation)
+    layers = sorted({m.layer for m in env.modules})
+    mean = {layer: np.mean([allocation[m.name] for m in env.modules if m.layer == layer]) for layer in layers}
+    assert mean[layers[0]] < mean[layers[-1]]
+    params = env.params_of(allocation)
+    for m in env.modules:  # the budget is filled: no module can grow one ladder step
+        rank = allocation[m.name]
+        if rank < env.ladder[-1]:
+            step = env.ladder[env.ladder.index(rank) + 1] - rank
+            assert params + step * m.params_per_rank > env.budget, m.name

@@ -12,21 +12,22 @@ import pytest
 import yaml
 
 from agents.bench import BenchConfig, load_bench_config, run_bench
-from agents.bench.cells import grid, probe_steps
-from agents.bench.report import instance_labels
-from agents.evaluation import mean_ci
+from agents.bench.cells import FINAL_SEED, grid, run_cells
+from agents.bench.report import instance_labels, summary_markdown, table_rows
+from agents.evaluation import mean_ci, paired_bootstrap
 from agents.methods import METHODS
 from agents.runs import UNFINISHED, is_complete
 from strato_env.config import from_dict
 
 ROOT = Path(__file__).resolve().parents[2]
 PLANTED = str(ROOT / "configs" / "bench_planted.yaml")
+TASK = {"train_examples": 64, "eval_examples": 16, "test_examples": 16}
 TINY = {
-    "env": {"decisions": 2, "inner_steps": 5, "probe_steps": 1, "task": {"train_examples": 64, "eval_examples": 16}},
+    "env": {"decisions": 2, "inner_steps": 5, "probe_steps": 1, "task": TASK},
     "train_instances": [{}],
     "test_instances": [{"model": "bert-tiny"}],
     "seeds": [0],
-    "search_steps": 40,
+    "search_steps": [40],
     "quick": {},
 }
 
@@ -52,14 +53,20 @@ def test_quick_bench_writes_every_cell_references_and_plots(quick_run):
     assert is_complete(path) and config.name == "bench_planted-quick"
     rows = _results(path)
     labels = instance_labels(config)
-    expected = {(m, i, str(s)) for m in METHODS for i in labels for s in config.seeds}
-    assert {(r["method"], r["instance"], r["seed"]) for r in rows} == expected
+    expected = set()
+    for method in METHODS.values():
+        caps = config.search_steps if method.anytime else [0]
+        scales = [1.0] if method.name == "oracle" else config.budget_scales
+        expected |= {(method.name, i, str(s), str(x), str(c)) for i in labels for s in config.seeds
+                     for x in scales for c in caps}  # fmt: skip
+    assert {(r["method"], r["instance"], r["seed"], r["budget_scale"], r["search_steps"]) for r in rows} == expected
     assert all(r["status"] == "ok" for r in rows), [r["error"] for r in rows if r["error"]]
     for row in rows:
         assert int(row["params"]) <= int(row["budget"])
-    final = {(r["method"], r["instance"]): float(r["final_loss"]) for r in rows}
+        assert row["gap_reference"] == ("oracle" if row["budget_scale"] == "1.0" else "best found")
+    final = {(r["method"], r["instance"], r["budget_scale"]): float(r["final_loss"]) for r in rows}
     for label in labels:  # the references are what they claim: the planted optimum beats uniform LoRA
-        assert final["oracle", label] < final["uniform", label], label
+        assert final["oracle", label, "1.0"] < final["uniform", label, "1.0"], label
     summary = (path / "summary.md").read_text()
     images = json.loads((path / "report.json").read_text())["images"]
     assert len(images) == 2 + len(labels)
@@ -67,28 +74,36 @@ def test_quick_bench_writes_every_cell_references_and_plots(quick_run):
         data = (path / name).read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 5000, name
         assert f"({name})" in summary
-    for method in METHODS:
-        assert f"| {method} |" in summary or f"| **{method}** |" in summary
+    assert "## Search track" in summary and "## Amortized track" in summary and "Break-even" in summary
+    for label in ["random@40", "tpe@80", "go_explore@80", "greedy", "linear_depth", "adalora", "ppo", "a2c"]:
+        assert f"| {label} |" in summary, label
+
+
+def _probe_steps(config: BenchConfig, instance: dict) -> int:
+    return config.make_env(instance).probe_optimizer_steps
 
 
 @pytest.mark.slow
-def test_quick_bench_spends_equal_cost(quick_run):
+def test_quick_bench_charges_searches_their_cap_and_policies_their_meta_training_apart(quick_run):
     config, path = quick_run
-    rows = _results(path)
+    rows = [r for r in _results(path) if r["budget_scale"] == "1.0"]
     assert {int(r["final_steps"]) for r in rows} == {config.episode_steps}  # measured by the env
-    assert all(0 <= int(r["optimizer_steps"]) <= config.search_steps for r in rows)
-    spent = {(r["method"], r["instance"]): int(r["optimizer_steps"]) for r in rows}
-    train_probe = probe_steps(config, config.train_instances[0])
+    spent = {(r["method"], r["instance"], int(r["search_steps"])): int(r["optimizer_steps"]) for r in rows}
+    train_probe = _probe_steps(config, config.train_instances[0])
     for index, label in enumerate(instance_labels(config)):
-        probe = probe_steps(config, config.test_instances[index])  # importance readers pay the probe
-        assert spent["uniform", label] == spent["oracle", label] == 0
-        assert spent["greedy", label] == probe
+        probe = _probe_steps(config, config.test_instances[index])  # importance readers pay the probe
+        assert spent["uniform", label, 0] == spent["oracle", label, 0] == spent["linear_depth", label, 0] == 0
+        assert spent["greedy", label, 0] == probe
         for method in ("random", "tpe", "go_explore"):
-            assert spent[method, label] > config.search_steps // 2, method  # a search that used most of its cap
+            for cap in config.search_steps:  # a search that used most of its cap, never more
+                assert cap // 2 < spent[method, label, cap] <= cap, (method, cap)
         for method in ("ppo", "a2c", "maskable_ppo"):
             policy = json.loads((path / "policies" / f"{method}-s0.json").read_text())
             assert policy["optimizer_steps"] > train_probe  # the train instance's probe, then training
-            assert spent[method, label] == policy["optimizer_steps"] + probe + config.episode_steps
+            # per instance: the probe and one episode; the meta-training is reported apart, the same in every cell
+            assert spent[method, label, 0] == probe + config.episode_steps
+            row = next(r for r in rows if r["method"] == method and r["instance"] == label)
+            assert int(row["meta_steps"]) == policy["optimizer_steps"]
 
 
 @pytest.mark.slow
@@ -137,7 +152,7 @@ def test_publish_writes_one_section_per_benchmark_with_its_plots(tmp_path):
 
 @pytest.mark.slow
 def test_interrupted_bench_resumes_without_rerunning_finished_cells(tmp_path):
-    config = _tiny(tmp_path, "resume", methods=["random"], seeds=[0, 1, 2], search_steps=30)
+    config = _tiny(tmp_path, "resume", methods=["random"], seeds=[0, 1, 2], search_steps=[30])
     config_file = tmp_path / "resume.yaml"
     config_file.write_text(yaml.safe_dump(config.to_dict()))
     cells = tmp_path / "resume" / "cells"
@@ -173,7 +188,26 @@ def test_another_config_under_the_same_name_is_refused(tmp_path):
     [
         ({"methods": ["ppo", "sac"]}, r"methods='sac' is invalid: allowed: \['uniform', 'oracle', 'random'"),
         ({"test_instances": [{"decisions": 4}]}, r"test_instances\[0\].decisions: set it in env"),
-        ({"search_steps": 5}, r"search_steps=5 is invalid: expected >= one episode \(10 optimizer steps"),
+        ({"search_steps": [5, 40]}, r"search_steps=\[5, 40\] is invalid: every cap must be >= one episode \(10 "),
+        ({"search_steps": 40}, r"search_steps=40 is invalid: expected a non-empty list of distinct integers"),
+        (
+            {"test_instances": [{}], "validation_instances": [{"model": "gpt2-tiny"}]},
+            r"validation_instances\[0\] \(gpt2-tiny/planted/top-heavy\) is also train_instances\[0\]: train, "
+            "validation and test instances must not overlap",
+        ),
+        (
+            {
+                "test_instances": [{"generated": {"models": ["gpt2-tiny"], "seeds": [1, 2]}}],
+                "train_instances": [{"generated": {"models": ["gpt2-tiny"], "seeds": [2]}}],
+            },
+            r"test_instances\[1\] \(gpt2-tiny/planted/generated-2\) is also train_instances\[0\]",
+        ),
+        (
+            {"test_instances": [{"generated": {"models": ["gpt2-tiny"]}}]},
+            r"test_instances\[0\].generated=.* is invalid: expected \{generated: \{models",
+        ),
+        ({"test_instances": [{"model": "pretrained:nope"}]}, r"model='pretrained:nope' is invalid: names no base"),
+        ({"pretrain": {"base": {"model": "gpt2-tiny"}}}, r"pretrain.base=.* is invalid: expected a mapping with model"),
         ({"budget_scales": [0.5]}, "budget_scales=.* holds 1.0"),
         ({"seeds": [0, 0]}, "seeds=.* a seed is repeated"),
         ({"options": {"dqn": {}}}, "options.dqn: not a method"),
@@ -182,7 +216,7 @@ def test_another_config_under_the_same_name_is_refused(tmp_path):
         ({"options": {"go_explore": {"moves": "layers"}}}, "options.go_explore.moves='layers' is invalid"),
         ({"options": {"maskable_ppo": {"batch_size": 0}}}, "^options.maskable_ppo.batch_size=0 is invalid"),
         ({"options": {"random": {"max_proposals": 0}}}, "^options.random.max_proposals=0 is invalid"),
-        ({"options": {"ppo": {"total_timesteps": 64}}}, "options.ppo.total_timesteps: set by the benchmark"),
+        ({"options": {"ppo": {"n_envs": 4}}}, "options.ppo.n_envs: set by the benchmark"),
         ({"test_instances": [{"learning_rate": -1}]}, r"test_instances\[0\]: learning_rate=-1"),
         ({"quick": {"seeds": []}}, "quick: seeds=.* non-empty"),
         ({"workers": 2}, "unknown key workers"),
@@ -245,21 +279,87 @@ def test_shipped_bench_configs_load_full_and_quick(name):
     path = str(ROOT / "configs" / f"{name}.yaml")
     full, quick = load_bench_config(path), load_bench_config(path, quick=True)
     assert (full.name, quick.name) == (name, f"{name}-quick")
-    assert full.seeds == [0, 1, 2, 3, 4] and len(quick.seeds) == 1
-    assert quick.episode_steps < full.episode_steps and quick.search_steps < full.search_steps
+    assert len(full.seeds) >= 3 and len(quick.seeds) == 1
+    assert quick.episode_steps < full.episode_steps and max(quick.search_steps) < max(full.search_steps)
     assert set(full.methods) == set(METHODS) - {"uniform", "oracle"}
 
 
 def test_the_final_retrains_of_one_instance_and_seed_run_together_and_match_one_at_a_time(tmp_path):
-    """The allocations of one (instance, scale, seed) are trained together; each final loss is the one a lone
-    static run of that allocation from the cell's seed gives, to float summation order."""
+    """The allocations of one (instance, scale, seed) are trained together; each final loss is the test loss a
+    lone static run of that allocation from FINAL_SEED + the cell's seed gives, to float summation order."""
     config = _tiny(tmp_path, "together", methods=["random", "greedy"])
     path = run_bench(config)
     rows = {r["method"]: r for r in _results(path)}
     env = config.make_env(config.test_instances[0], 1.0)
     episode = env.config.decisions * env.config.inner_steps
     for method in ("uniform", "oracle", "random", "greedy"):
-        cell = json.loads((path / "cells" / f"{method}-i0-s0-x1.json").read_text())
-        alone = env.evaluate_allocation(cell["allocation"], seed=0)
+        cell = json.loads(
+            (path / "cells" / f"{method}-i0-s0-x1{'-b40' if method == 'random' else ''}.json").read_text()
+        )
+        alone = env.evaluate_allocation(cell["allocation"], seed=FINAL_SEED, split="test")
         assert float(rows[method]["final_loss"]) == pytest.approx(alone, rel=1e-5), method
         assert cell["final_steps"] == episode
+
+
+def test_no_search_reads_the_test_data(tmp_path, monkeypatch):
+    """Every loss a search (or a policy's episode) computes is on validation data; the test split is read only
+    by the final runs, after every search of the group is done."""
+    import strato_env.episodes as episodes
+    from agents.bench import cells as cells_module
+
+    reads, phase = [], {"now": "search"}
+    evaluate_losses, evaluate_allocations = (
+        episodes.evaluate_losses,
+        cells_module.RankAllocationEnv.evaluate_allocations,
+    )
+
+    def spy_losses(*args, **kwargs):
+        split = kwargs.get("split", args[4] if len(args) > 4 else "eval")
+        reads.append((phase["now"], split))
+        return evaluate_losses(*args, **kwargs)
+
+    def final_runs(self, allocations, seeds, split="eval"):
+        if split == "test":
+            phase["now"] = "final"
+        return evaluate_allocations(self, allocations, seeds, split)
+
+    monkeypatch.setattr(episodes, "evaluate_losses", spy_losses)
+    monkeypatch.setattr(cells_module.RankAllocationEnv, "evaluate_allocations", final_runs)
+    config = _tiny(tmp_path, "spy", methods=["random", "tpe", "greedy", "go_explore"])
+    cells = [c for c in grid(config) if not METHODS[c.method].learned]
+    results = run_cells(config, cells, {})
+    assert all(r["status"] == "ok" for r in results)
+    searching = {split for when, split in reads if when == "search"}
+    assert searching == {"eval"} and ("final", "test") in reads
+
+
+def test_paired_bootstrap_resamples_instances_and_seeds():
+    # two instances: one where the method is always 10% better, one where it is 10% worse on one seed of two
+    mean, low, high = paired_bootstrap({"a": [-0.1, -0.1, -0.1], "b": [-0.1, -0.1, -0.1]})
+    assert mean == pytest.approx(-0.1) and low == pytest.approx(-0.1) and high == pytest.approx(-0.1)
+    mean, low, high = paired_bootstrap({"a": [-0.2, -0.2], "b": [0.1, -0.1]})
+    assert mean == pytest.approx(-0.1)  # instances weigh alike: (-0.2 + 0.0) / 2
+    assert low == pytest.approx(-0.2) and high == pytest.approx(0.05)  # resampled means lie in [-0.2, 0.1]
+    assert low < 0 < high  # the interval holds 0: no win is claimed
+    assert paired_bootstrap({"a": [-0.1, -0.1], "b": [-0.3, -0.2]})[2] < 0  # every draw better: a win
+    assert all(math.isnan(v) for v in paired_bootstrap({"a": [math.nan]}))
+
+
+def test_non_finite_and_failed_cells_are_counted_not_dropped(tmp_path):
+    config = _tiny(tmp_path, "counted", methods=["random", "greedy"])
+    cell = {"instance": 0, "seed": 0, "scale": 1.0, "budget": 100, "params": 100, "optimizer_steps": 10,
+            "wall_s": 1.0, "allocation": {}}  # fmt: skip
+    cells = [
+        cell | {"method": "uniform", "status": "ok", "final_loss": 2.0},
+        cell | {"method": "oracle", "status": "ok", "final_loss": 1.0},
+        cell | {"method": "greedy", "status": "ok", "final_loss": math.nan},
+        cell | {"method": "random", "steps": 40, "status": "error", "error": "ValueError: boom"},
+    ]
+    rows = table_rows(config, cells)
+    status = {r["method"]: r["status"] for r in rows}
+    assert status == {"uniform": "ok", "oracle": "ok", "greedy": "non-finite", "random": "error"}
+    summary = summary_markdown(config, rows, None, [])
+    assert "Cells: 4 (2 finished, 2 failed or non-finite)" in summary
+    assert "| greedy | n/a | n/a | n/a | n/a | n/a | 0/1 |" in summary
+    assert "- greedy on bert-tiny/planted/top-heavy, seed 0: final loss nan" in summary
+    assert "- random@40 on bert-tiny/planted/top-heavy, seed 0: ValueError: boom" in summary

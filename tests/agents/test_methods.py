@@ -24,7 +24,7 @@ TINY_BENCH = {
     "env": {"decisions": 2, "inner_steps": 5, "probe_steps": 1, "task": {"train_examples": 64, "eval_examples": 16}},
     "test_instances": [{}],
     "seeds": [0],
-    "search_steps": 40,
+    "search_steps": [40],
 }
 
 
