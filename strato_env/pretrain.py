@@ -23,7 +23,7 @@ from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerF
 
 from strato_env.files import replace_folder, write_atomic
 from strato_env.models import TINY_PRESETS, is_causal_lm, is_tiny_preset, load_config, load_model
-from strato_env.tasks.text import _check_text_file
+from strato_env.tasks.text import check_text_file
 from strato_env.validation import check_int, check_number, fail
 
 PRETRAIN_FORMAT = "strato-pretrain"
@@ -91,7 +91,7 @@ def _read_corpus(data: str, seq_len: int) -> tuple[torch.Tensor, str]:
     path = os.path.expanduser(data) if isinstance(data, str | os.PathLike) else ""
     if not os.path.isfile(path):
         fail("data", data, "no such file; expected a local UTF-8 text file")
-    _check_text_file("data", path)  # the usual message for empty or binary files
+    check_text_file("data", path)  # the usual message for empty or binary files
     raw = Path(path).read_bytes()
     try:
         raw.decode("utf-8")  # the check above reads the first 64 KiB only

@@ -15,8 +15,8 @@ from strato_env.models import find_target_modules, load_model
 
 
 def _colors(methods: Sequence[str]) -> dict[str, Any]:
-    palette = plt.get_cmap("tab10")
-    return {m: palette(i % 10) for i, m in enumerate(methods)}
+    palette = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")  # one colour per method
+    return {m: palette(i % palette.N) for i, m in enumerate(methods)}
 
 
 def anytime_plot(rows: list[dict[str, Any]]) -> plt.Figure:

@@ -414,7 +414,8 @@ def publish_results(
     """Write this benchmark's section of `target`/RESULTS.md (replacing an earlier one) and copy its plots
     (`rows` and `images` as `write_report` returns them)."""
     plots = Path(target) / "results" / str(config.name)
-    plots.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(plots, ignore_errors=True)  # no plot of an earlier run stays behind
+    plots.mkdir(parents=True)
     for name in images:
         shutil.copyfile(folder.path / name, plots / name)
     body = summary_markdown(config, rows, command, images, prefix=f"results/{config.name}/")

@@ -33,7 +33,7 @@ def load_tokenizer(model_name: str, is_preset: bool) -> Tokenize:
     return lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _check_text_file(field: str, path: str) -> None:
+def check_text_file(field: str, path: str) -> None:
     """A local data file must hold UTF-8 text with something in it."""
     with open(path, "rb") as file:
         head = file.read(1 << 16)
@@ -68,7 +68,7 @@ def load_rows(config: TaskConfig, split: str = "train"):
     else:
         files = []
     for file in files:
-        _check_text_file("task.data", file)
+        check_text_file("task.data", file)
     if files:
         builders = {"text" if f.endswith(".txt") else "csv" if f.endswith(".csv") else "json" for f in files}
         if len(builders) > 1:

@@ -363,3 +363,22 @@ def test_non_finite_and_failed_cells_are_counted_not_dropped(tmp_path):
     assert "| greedy | n/a | n/a | n/a | n/a | n/a | 0/1 |" in summary
     assert "- greedy on bert-tiny/planted/top-heavy, seed 0: final loss nan" in summary
     assert "- random@40 on bert-tiny/planted/top-heavy, seed 0: ValueError: boom" in summary
+
+
+def test_a_bench_pretrains_its_base_once_and_adapts_it(tmp_path, corpus):
+    text = {"name": "causal_lm", "data": corpus, **TASK}
+    values = {
+        "methods": ["greedy"],
+        "pretrain": {"base": {"model": "gpt2-tiny", "data": corpus, "steps": 5, "seq_len": 32}},
+        "env": TINY["env"] | {"task": text},
+        "test_instances": [{"model": "pretrained:base"}],
+    }
+    path = run_bench(_tiny(tmp_path, "text", **values))
+    rows = _results(path)
+    assert {r["method"] for r in rows} == {"uniform", "greedy"} and all(r["status"] == "ok" for r in rows)
+    base = next((tmp_path / "pretrained").glob("base-*"))
+    assert rows[0]["instance"] == f"{base.name}/causal_lm/corpus.txt"
+    written = (base / "model.safetensors").stat().st_mtime_ns
+    run_bench(_tiny(tmp_path, "text-again", **values))  # the same arguments: the base is reused, not retrained
+    assert (base / "model.safetensors").stat().st_mtime_ns == written
+    assert len(list((tmp_path / "pretrained").iterdir())) == 1
