@@ -15,7 +15,7 @@ from strato_env.models import load_model
 from strato_env.pretrain import PRETRAIN_FILE, causal_presets, pretrain
 from strato_env.tasks.base import causal_lm_loss
 from strato_env.tasks.text import byte_tokenize, load_tokenizer
-from tests.conftest import SMALL
+from tests.conftest import SMALL, write_corpus
 
 STEPS = 120
 ARGS = {"model": "gpt2-tiny", "steps": STEPS, "seed": 3, "seq_len": 48, "batch_size": 16, "learning_rate": 3e-3}
@@ -31,9 +31,15 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def pretrained(shakespeare, tmp_path_factory):
-    out = tmp_path_factory.mktemp("pretrain") / "gpt2-shakespeare"
-    return pretrain(data=shakespeare, out=str(out), **ARGS)
+def text(tmp_path_factory) -> str:
+    """The tests' own corpus, large enough for held-out windows (the suite needs nothing from outside)."""
+    return str(write_corpus(tmp_path_factory.mktemp("text") / "text.txt", lines=3000))
+
+
+@pytest.fixture(scope="module")
+def pretrained(text, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pretrain") / "gpt2-text"
+    return pretrain(data=text, out=str(out), **ARGS)
 
 
 def _files(folder: str) -> dict[str, tuple[str, int]]:
@@ -43,18 +49,18 @@ def _files(folder: str) -> dict[str, tuple[str, int]]:
     }
 
 
-def test_the_folder_loads_and_predicts_its_held_out_text_far_better_than_a_random_init(pretrained, shakespeare):
+def test_the_folder_loads_and_predicts_its_held_out_text_far_better_than_a_random_init(pretrained, text):
     assert not pretrained.reused and pretrained.eval_loss_after < 0.8 * pretrained.eval_loss_before
     model = AutoModelForCausalLM.from_pretrained(pretrained.path).eval()
-    tokens = torch.tensor(byte_tokenize(Path(shakespeare).read_text(encoding="utf-8")))
+    tokens = torch.tensor(byte_tokenize(Path(text).read_text(encoding="utf-8")))
     held = tokens[int(0.95 * len(tokens)) :][: 40 * 100].view(40, 100)  # windows of another length than trained on
     with torch.no_grad():
         trained = causal_lm_loss(model, {"input_ids": held}).item()
         random_init = causal_lm_loss(load_model("gpt2-tiny", ARGS["seed"]), {"input_ids": held}).item()
     assert trained < 0.8 * random_init, (trained, random_init)
     record = json.loads(Path(pretrained.path, PRETRAIN_FILE).read_text())
-    assert record["arguments"] == {**ARGS, "data": shakespeare}
-    assert record["data_sha256"] == hashlib.sha256(Path(shakespeare).read_bytes()).hexdigest()
+    assert record["arguments"] == {**ARGS, "data": text}
+    assert record["data_sha256"] == hashlib.sha256(Path(text).read_bytes()).hexdigest()
     assert record["eval_loss_after"] == pretrained.eval_loss_after
     assert not [p for p in Path(pretrained.path).parent.iterdir() if p.name.startswith(".")]  # no staging left
 
@@ -68,8 +74,8 @@ def test_the_tokenizer_gives_the_byte_ids_of_the_tiny_presets_and_decodes_back(p
     assert tokenizer.decode(ids) == text
 
 
-def test_the_same_arguments_train_bit_identical_weights(pretrained, shakespeare, tmp_path):
-    again = pretrain(data=shakespeare, out=str(tmp_path / "again"), **ARGS)
+def test_the_same_arguments_train_bit_identical_weights(pretrained, text, tmp_path):
+    again = pretrain(data=text, out=str(tmp_path / "again"), **ARGS)
     assert again.eval_loss_after == pretrained.eval_loss_after
     first = AutoModelForCausalLM.from_pretrained(pretrained.path).state_dict()
     second = AutoModelForCausalLM.from_pretrained(again.path).state_dict()
@@ -77,15 +83,15 @@ def test_the_same_arguments_train_bit_identical_weights(pretrained, shakespeare,
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
-def test_a_finished_folder_is_reused_and_one_made_otherwise_is_refused(pretrained, shakespeare):
+def test_a_finished_folder_is_reused_and_one_made_otherwise_is_refused(pretrained, text):
     files = _files(pretrained.path)
     start = time.perf_counter()
-    again = pretrain(data=shakespeare, out=pretrained.path, **ARGS)
+    again = pretrain(data=text, out=pretrained.path, **ARGS)
     assert again.reused and time.perf_counter() - start < 2
     assert (again.eval_loss_before, again.eval_loss_after) == (pretrained.eval_loss_before, pretrained.eval_loss_after)
     assert _files(pretrained.path) == files
     with pytest.raises(ValueError, match=r"out=.*steps=120 there, 121 here.*--out"):
-        pretrain(data=shakespeare, out=pretrained.path, **{**ARGS, "steps": 121})
+        pretrain(data=text, out=pretrained.path, **{**ARGS, "steps": 121})
     assert _files(pretrained.path) == files
 
 
