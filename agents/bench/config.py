@@ -119,9 +119,9 @@ class BenchConfig(InstanceSet):
         from strato_env.pretrain import pretrain
 
         allowed = [p for p in inspect.signature(pretrain).parameters if p != "out"]
-        for out, arguments in self.pretrain.items():
+        for name, arguments in self.pretrain.items():
             if not isinstance(arguments, dict) or not {"model", "data"} <= set(arguments) <= set(allowed):
-                fail(f"pretrain.{out}", arguments, f"expected a mapping with model and data, keys from {allowed}")
+                fail(f"pretrain.{name}", arguments, f"expected a mapping with model and data, keys from {allowed}")
 
     # ---- derived --------------------------------------------------------------------------------------------
     def method_options(self, name: str) -> Any:
