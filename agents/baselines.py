@@ -336,35 +336,32 @@ def _to_ladder(env: RankAllocationEnv, raw: dict[str, int], singular_values: dic
     ladder = env.ladder
     allocation = {name: max(r for r in ladder if r <= rank) for name, rank in raw.items()}
     per_rank = {m.name: m.params_per_rank for m in env.modules}
+    kept = {name: sorted((abs(v) for v in values if v != 0), reverse=True) for name, values in singular_values.items()}
 
-    def loss_per_param(name: str) -> float:
-        rank = allocation[name]
-        lower = ladder[ladder.index(rank) - 1]
-        kept = sorted((abs(v) for v in singular_values[name] if v != 0), reverse=True)
-        return sum(kept[lower:rank]) / ((rank - lower) * per_rank[name])
+    def mass_per_param(name: str, low: int, high: int) -> float:
+        """Kept |singular value| mass of ranks low..high of module `name`, per parameter they cost."""
+        return sum(kept[name][low:high]) / ((high - low) * per_rank[name])
+
+    def step(name: str, by: int) -> int:
+        return ladder[ladder.index(allocation[name]) + by]
 
     while env.params_of(allocation) > env.budget:
-        name = min((n for n, r in allocation.items() if r > 0), key=loss_per_param)
-        allocation[name] = ladder[ladder.index(allocation[name]) - 1]
-
-    def gain_per_param(name: str) -> float:
-        rank = allocation[name]
-        upper = ladder[ladder.index(rank) + 1]
-        kept = sorted((abs(v) for v in singular_values[name] if v != 0), reverse=True)
-        return sum(kept[rank:upper]) / ((upper - rank) * per_rank[name])
-
+        name = min(
+            (n for n, r in allocation.items() if r > 0), key=lambda n: mass_per_param(n, step(n, -1), allocation[n])
+        )
+        allocation[name] = step(name, -1)
     while True:
         params = env.params_of(allocation)
-        growable = [
-            n
+        gains = {
+            n: mass_per_param(n, r, step(n, 1))
             for n, r in allocation.items()
-            if r < ladder[-1] and params + (ladder[ladder.index(r) + 1] - r) * per_rank[n] <= env.budget
-        ]
-        growable = [n for n in growable if gain_per_param(n) > 0]
-        if not growable:
+            if r < ladder[-1] and params + (step(n, 1) - r) * per_rank[n] <= env.budget
+        }
+        gains = {n: gain for n, gain in gains.items() if gain > 0}
+        if not gains:
             return allocation
-        name = max(growable, key=gain_per_param)
-        allocation[name] = ladder[ladder.index(allocation[name]) + 1]
+        name = max(gains, key=gains.get)
+        allocation[name] = step(name, 1)
 
 
 def _train_adalora(

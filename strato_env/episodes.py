@@ -170,13 +170,10 @@ def _check_compatible(configs: Sequence[EnvConfig], instances: Sequence[Instance
     for i, instance in enumerate(instances[1:], start=1):
         other = instance.data
         same = other.loss is data.loss and other.modules_to_save == data.modules_to_save
-        for split in ("train", "eval", "test"):
+        for split in ("train", "eval", "test"):  # training pools may differ in size, evaluation sets may not
             a, b = getattr(data, split), getattr(other, split)
-            same = same and set(a) == set(b) and all(a[k].shape[1:] == b[k].shape[1:] for k in a)
-        for split in ("eval", "test"):
-            same = same and len(next(iter(getattr(other, split).values()))) == len(
-                next(iter(getattr(data, split).values()))
-            )
+            dims = slice(1, None) if split == "train" else slice(None)
+            same = same and set(a) == set(b) and all(a[k].shape[dims] == b[k].shape[dims] for k in a)
         if not same:
             raise ValueError(
                 f"configs[{i}].task ({configs[i].label}) cannot share a batch with configs[0].task ({first.label}): "

@@ -302,8 +302,8 @@ def test_the_final_retrains_of_one_instance_and_seed_run_together_and_match_one_
 
 
 def test_no_search_reads_the_test_data(tmp_path, monkeypatch):
-    """Every loss a search (or a policy's episode) computes is on validation data; the test split is read only
-    by the final runs, after every search of the group is done."""
+    """Every loss a search computes is on validation data; the test split is read only by the final runs, after
+    every search of the group is done."""
     import strato_env.episodes as episodes
     from agents.bench import cells as cells_module
 

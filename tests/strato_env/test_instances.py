@@ -9,7 +9,7 @@ from agents.evaluation import calibration_ratio
 from strato_env.config import EnvConfig, TaskConfig, generated_ranks
 from strato_env.env import RankAllocationEnv
 from strato_env.instance import get_instance
-from strato_env.models import find_target_modules, load_config, load_model
+from strato_env.models import TINY_INIT_STD, find_target_modules, load_config, load_model
 from strato_env.tasks.planted import (
     GENERATED_DECAY,
     GENERATED_SCALE,
@@ -96,8 +96,9 @@ def test_sized_presets_have_the_asked_depth_and_width(name, layers, width, modul
     assert len(found) == modules
     assert max(m.layer for m in found) + 1 == layers
     assert {m.in_features for m in found if m.kind == "attention_in"} == {width}
-    config = load_config(name)
-    assert config.to_dict()["initializer_range" if "t5" not in name else "initializer_factor"] > 0
+    config = load_config(name)  # random weights of std TINY_INIT_STD at every width (T5 scales by d_model^-0.5)
+    std = config.initializer_factor * width**-0.5 if "t5" in name else config.initializer_range
+    assert std == pytest.approx(TINY_INIT_STD)
 
 
 @pytest.mark.parametrize("name", ["gpt2-tiny-0x64", "llama-tiny-13x64", "bert-tiny-4x60", "t5-tiny-2x512"])
