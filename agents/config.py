@@ -130,7 +130,7 @@ class TrainConfig(InstanceSet):
     """One `strato train` run."""
 
     agent: str = "maskable_ppo"
-    """'ppo', 'maskable_ppo', 'a2c' (a policy learner) or 'go_explore' (a search)."""
+    """'ppo', 'maskable_ppo', 'a2c', 'trpo' (a policy learner) or 'go_explore' (a search)."""
     seed: int = 0
     """Seed of the agent and of the episodes."""
     env: dict[str, Any] = field(default_factory=dict)
@@ -138,11 +138,14 @@ class TrainConfig(InstanceSet):
     train_instances: list[dict[str, Any]] = field(default_factory=lambda: [{}])
     """Instances trained on (sub-episode i of `ppo.n_envs` plays instance i modulo their number); each is a set of
     EnvConfig overrides on top of `env`."""
+    validation_instances: list[dict[str, Any]] = field(default_factory=list)
+    """Held-out instances a policy is scored on while it trains (every `ppo.eval_every` rollouts); the best
+    scoring policy is the one kept. None: the last policy is kept."""
     test_instances: list[dict[str, Any]] = field(default_factory=list)
     """Held-out instances the trained policy is evaluated on (policies only)."""
     ppo: Any = None
-    """Policy learners: PPOConfig fields (ppo, maskable_ppo) or PolicyConfig fields (a2c: no batch_size,
-    n_epochs or clip_range)."""
+    """Policy learners: the fields of the agent's settings class in `agents.ppo.train.ALGORITHMS` (PPOConfig for
+    ppo and maskable_ppo; A2CConfig for a2c: no batch_size, n_epochs or clip_range; TRPOConfig for trpo)."""
     go_explore: Any = None
     """agent=go_explore: GoExploreConfig fields."""
     runs_dir: str = "runs"

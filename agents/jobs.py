@@ -13,8 +13,8 @@ from tqdm.auto import tqdm
 
 from agents.config import TrainConfig, merge
 from agents.evaluation import gap_closed, run_policy_episode, uniform_allocation, uniform_loss
-from agents.ppo.train import EpisodeLog, build_algorithm, load_policy, save_policy
-from agents.ppo.vec_env import BatchedVecEnv
+from agents.ppo.meta import MetaTraining, meta_train
+from agents.ppo.train import EpisodeLog, load_policy, save_policy
 from agents.runs import RunFolder, learning_curve, loss_versus_params, rank_heatmap
 from strato_env.config import EnvConfig, from_dict
 from strato_env.env import RankAllocationEnv
@@ -49,6 +49,7 @@ def _write_results(
     curve_x: str,
     title: str,
     points: list[dict[str, Any]] | None = None,
+    notes: list[str] | None = None,
 ) -> None:
     """allocation.json, adapter/, metrics.csv, evaluation.csv, plots and report.md (written last)."""
     run.write_json("allocation.json", allocation)
@@ -67,16 +68,18 @@ def _write_results(
     if env.oracle_loss is not None:
         references["oracle"] = (env.params_of(env.oracle_allocation), env.oracle_loss)
     run.save_figure("loss_vs_params.png", loss_versus_params(points or rows, references, env.budget, env.config.label))
-    run.write_text("report.md", _report(title, evaluation, run.wall_seconds))
+    run.write_text("report.md", _report(title, evaluation, run.wall_seconds, notes or []))
 
 
-def _report(title: str, evaluation: list[dict[str, Any]], wall_seconds: float) -> str:
-    columns = ["instance", "loss", "static_loss", "uniform_loss", "oracle_loss", "gap_closed", "params", "budget"]
+def _report(title: str, evaluation: list[dict[str, Any]], wall_seconds: float, notes: list[str]) -> str:
+    columns = ["instance", "split", "loss", "static_loss", "uniform_loss", "oracle_loss", "gap_closed", "params"]
+    columns.append("budget")
     lines = [
         f"# {title}",
         "",
         f"Wall time: {wall_seconds:.0f} s.",
         "",
+        *(line for note in notes for line in (note, "")),
         "`loss`: the method's own episode; `static_loss`: its final allocation trained for one episode from "
         "seed 0, like uniform LoRA and the oracle; `gap_closed` = (uniform - loss) / (uniform - oracle).",
         "",
@@ -118,22 +121,51 @@ def train(config: TrainConfig) -> Path:
 
 
 def _train_policy(config: TrainConfig, envs: list[RankAllocationEnv], run: RunFolder) -> None:
-    env = BatchedVecEnv([e.config for e in envs], config.ppo.n_envs)
-    model = build_algorithm(config.agent, config.ppo, env, config.seed, tensorboard_log=str(run.path / "tensorboard"))
     rows: list[dict[str, Any]] = []
-    model.learn(
-        config.ppo.total_timesteps, callback=EpisodeLog(rows.append), progress_bar=True, tb_log_name=config.agent
+    validation = [config.env_config(instance) for instance in config.validation_instances]
+    meta = meta_train(
+        config.agent,
+        config.ppo,
+        [env.config for env in envs],
+        validation,
+        config.seed,
+        callbacks=[EpisodeLog(rows.append)],
+        tensorboard_log=str(run.path / "tensorboard"),
+        progress_bar=True,
     )
-    save_policy(model, run.path / "policy.zip")
+    save_policy(meta.model, run.path / "policy.zip")
+    run.write_csv("validation.csv", meta.validation)
+    run.write_json("meta_training.json", {"optimizer_steps": meta.optimizer_steps, "warm_start": meta.warm_start})
 
     # scoring restores each env's episode, so envs[0] ends holding the policy's trained adapter for export
     episodes, evaluation = [], []
-    test_envs = [RankAllocationEnv(config.env_config(i)) for i in config.test_instances]
-    for env_ in envs + test_envs:
-        episodes.append(run_policy_episode(model, env_, seed=config.seed))
-        score = _score(env_, episodes[-1]["loss"], episodes[-1]["allocation"], config.seed)
-        evaluation.append(score | {"split": "train" if env_ in envs else "test"})
-    _write_results(run, envs[0], episodes[0]["allocation"], rows, evaluation, "timesteps", config.agent)
+    splits = {"train": envs, "validation": [RankAllocationEnv(c) for c in validation]}
+    splits["test"] = [RankAllocationEnv(config.env_config(i)) for i in config.test_instances]
+    for split, split_envs in splits.items():
+        for env_ in split_envs:
+            episodes.append(run_policy_episode(meta.model, env_, seed=config.seed))
+            score = _score(env_, episodes[-1]["loss"], episodes[-1]["allocation"], config.seed)
+            evaluation.append(score | {"split": split})
+    notes = _meta_notes(meta)
+    _write_results(run, envs[0], episodes[0]["allocation"], rows, evaluation, "timesteps", config.agent, notes=notes)
+
+
+def _meta_notes(meta: MetaTraining) -> list[str]:
+    """The report's lines on the warm start and the validation checkpoints."""
+    lines = [f"Meta-training: {meta.optimizer_steps} optimizer steps (probes, warm start and validation included)."]
+    if meta.warm_start:
+        lines.append(
+            f"Warm start: {meta.warm_start['decisions']} greedy decisions cloned; the policy's most likely move is "
+            f"the teacher's on {meta.warm_start['agreement']:.1%} of module slots."
+        )
+    if meta.validation:
+        best = max(meta.validation, key=lambda row: row["return"])
+        curve = ", ".join(f"{row['timesteps']}: {row['return']:.4g}" for row in meta.validation)
+        lines.append(
+            f"Validation (mean return of deterministic episodes, by timesteps): {curve}; the policy kept is the one "
+            f"at {best['timesteps']} timesteps."
+        )
+    return lines
 
 
 def _train_go_explore(config: TrainConfig, env: RankAllocationEnv, run: RunFolder) -> None:
@@ -194,7 +226,7 @@ def apply(
         run.write_yaml("config.yaml", {"policy": str(policy), "seed": seed, "env": env_config.to_dict()})
         env = RankAllocationEnv(env_config)
         episode = run_policy_episode(agent, env, seed=seed)
-        evaluation = [_score(env, episode["loss"], episode["allocation"], seed)]
+        evaluation = [_score(env, episode["loss"], episode["allocation"], seed) | {"split": "applied"}]
         _write_results(
             run, env, episode["allocation"], episode["decisions"], evaluation, "decision", f"policy on {model}"
         )

@@ -13,7 +13,7 @@ from typing import Any
 
 from agents import baselines
 from agents.go_explore import GoExplore, GoExploreConfig
-from agents.ppo.train import ALGORITHMS, PolicyConfig, PPOConfig
+from agents.ppo.train import ALGORITHMS
 from agents.result import SearchResult
 from strato_env.config import from_dict
 from strato_env.env import RankAllocationEnv
@@ -88,7 +88,7 @@ def _go_explore(env: RankAllocationEnv, seed: int, cap: int | None, options: GoE
     return GoExplore(settings).run(env, seed=seed)
 
 
-_POLICY_SUMMARIES = {name: f"{cls.__name__} with the slot-shared policy" for name, (cls, _) in ALGORITHMS.items()}
+_POLICY_SUMMARIES = {name: f"{cls.__name__}, slot-shared policy" for name, (cls, *_) in ALGORITHMS.items()}
 
 METHODS: dict[str, Method] = {
     method.name: method
@@ -110,7 +110,7 @@ METHODS: dict[str, Method] = {
                reads_importance=lambda options: options.importance_guided,
                trainable=True, fixed_options=("max_optimizer_steps",), anytime=True),
         *(
-            Method(name, summary, PolicyConfig if name == "a2c" else PPOConfig, learned=True,
+            Method(name, summary, ALGORITHMS[name][2], learned=True,
                    reads_importance=_always, trainable=True, fixed_options=("n_envs",))
             for name, summary in _POLICY_SUMMARIES.items()
         ),

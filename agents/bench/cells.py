@@ -30,8 +30,8 @@ from typing import Any
 from agents.bench.config import BenchConfig
 from agents.evaluation import run_policy_episode
 from agents.methods import METHODS
-from agents.ppo.train import build_algorithm, load_policy, policy_bytes
-from agents.ppo.vec_env import BatchedVecEnv
+from agents.ppo.meta import meta_train
+from agents.ppo.train import load_policy, policy_bytes
 from strato_env.config import from_dict
 from strato_env.env import RankAllocationEnv
 
@@ -72,18 +72,16 @@ def grid(config: BenchConfig) -> list[Cell]:
 
 
 def train_policy(config: BenchConfig, method: str, seed: int) -> dict[str, Any]:
-    """Meta-train learned method `method` on the train instances under its own budget (its `total_timesteps`);
-    the policy's bytes and its cost in optimizer steps (the train instances' probes included)."""
+    """Meta-train learned method `method` on the train instances under its own budget (its `total_timesteps`),
+    checkpointed on the validation instances; the policy's bytes and its cost in optimizer steps (probes, warm
+    start and validation episodes included)."""
     options = config.method_options(method)
     # one sub-episode per train instance, trained together by the batched engine
-    n_envs = len(config.train_instances)
-    settings = from_dict(type(options), vars(options) | {"n_envs": n_envs})
-    envs = [config.make_env(instance) for instance in config.train_instances]
-    vec_env = BatchedVecEnv([env.config for env in envs], n_envs)
-    model = build_algorithm(method, settings, vec_env, seed)
-    model.learn(settings.total_timesteps)
-    steps = vec_env.total_optimizer_steps + sum(env.probe_optimizer_steps for env in envs)
-    return {"optimizer_steps": steps, "policy": policy_bytes(model)}
+    settings = from_dict(type(options), vars(options) | {"n_envs": len(config.train_instances)})
+    train = [config.env_config(instance) for instance in config.train_instances]
+    validation = [config.env_config(instance) for instance in config.validation_instances]
+    meta = meta_train(method, settings, train, validation, seed)
+    return {"optimizer_steps": meta.optimizer_steps, "policy": policy_bytes(meta.model), "validation": meta.validation}
 
 
 def _search(

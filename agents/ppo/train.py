@@ -1,4 +1,5 @@
-"""Training policy learners (SB3 PPO, A2C, sb3-contrib MaskablePPO) with the slot-shared policy."""
+"""Policy learners (SB3 PPO and A2C, sb3-contrib MaskablePPO and TRPO) with the slot-shared policy: settings,
+construction, saving and loading."""
 
 from __future__ import annotations
 
@@ -11,26 +12,31 @@ from dataclasses import dataclass
 from typing import Any
 
 import gymnasium as gym
-from sb3_contrib import MaskablePPO
+from sb3_contrib import TRPO, MaskablePPO
 from stable_baselines3 import A2C, PPO
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.vec_env import VecEnv
 
-from agents.ppo.policy import MaskableSlotPolicy, SlotPolicy
+from agents.ppo.policy import ARCHITECTURES, HEADS, MaskableSlotPolicy, SlotPolicy
 from strato_env.files import write_atomic
 from strato_env.observation import OBSERVATION_VERSION
-from strato_env.validation import check_int, check_number
+from strato_env.validation import check_choice, check_int, check_number
+
+WARM_STARTS = ("greedy", "none")
+POLICY_VERSION = 2
+"""v2: `architecture` (attention or mean over slots), padding slots masked out of the log-probability, no
+`grow_bias`; v1 (no `policy_version` entry) had a mean over slots and a grow bias."""
 
 
 @dataclass
 class PolicyConfig:
-    """Settings of every policy learner (SB3 PPO, A2C and sb3-contrib MaskablePPO); all of A2C's."""
+    """Settings every policy learner shares (SB3 PPO and A2C, sb3-contrib MaskablePPO and TRPO)."""
 
     total_timesteps: int = 2304
-    """Env steps (rank decisions, over all sub-episodes) to train for: 288 default episodes in 18 rollouts of
-    the default 16 sub-episodes, so that `strato train` with no arguments ends within 5 minutes on 2 CPU cores."""
+    """Env steps (rank decisions, over all sub-episodes) of reinforcement learning after the warm start: 288
+    default episodes in 18 rollouts of the default 16 sub-episodes."""
     n_envs: int = 16
     """Sub-episodes trained together by the batched engine, one forward pass of the base per optimizer step
     (`agents.ppo.vec_env.BatchedVecEnv`); sub-episode i plays train instance i % len(train_instances), so at
@@ -38,36 +44,64 @@ class PolicyConfig:
     n_steps: int = 8
     """Env steps per sub-episode and rollout before each update (one default episode)."""
     learning_rate: float = 3e-3
-    """Adam learning rate of the policy."""
+    """Adam learning rate of the policy (and of the warm start)."""
     gamma: float = 0.99
     """Discount factor."""
     gae_lambda: float = 0.95
     """GAE lambda."""
-    ent_coef: float = 0.01
-    """Entropy bonus."""
     hidden: int = 64
-    """Width of the slot encoder and heads."""
-    grow_bias: float = 1.0
-    """Initial logit of grow above shrink and keep (0: all three equally likely). At 1 the untrained policy
-    grows a rank-0 module with probability 0.73, so its episodes fill the budget and show what rank buys."""
+    """Width of the slot encoder, the attention layers and the heads (a multiple of 4 for `attention`)."""
+    architecture: str = "attention"
+    """How module slots see each other: 'attention' (a transformer encoder over slot tokens and a global token)
+    or 'mean' (a masked mean of the slot encodings)."""
+    warm_start: str = "greedy"
+    """'greedy': behaviour cloning of greedy-by-importance before reinforcement learning (the policy starts from
+    greedy's allocations, reached one ladder step per decision, and the critic from their returns); 'none': a
+    random start."""
+    warm_start_episodes: int = 2
+    """Episodes of the greedy teacher per sub-episode that the warm start clones."""
+    warm_start_epochs: int = 200
+    """Passes of the warm start over the teacher's decisions."""
+    eval_every: int = 4
+    """Rollouts between evaluations on the validation instances (the best evaluated policy is kept)."""
 
     def __post_init__(self) -> None:
-        for name in ("total_timesteps", "n_envs", "n_steps", "hidden"):
+        for name in ("total_timesteps", "n_envs", "n_steps", "hidden", "warm_start_episodes", "eval_every"):
             check_int(name, getattr(self, name), 1)
+        check_int("warm_start_epochs", self.warm_start_epochs, 0)
         for name in ("learning_rate", "gamma", "gae_lambda"):
             check_number(name, getattr(self, name), 0, 1, low_open=True)
-        check_number("grow_bias", self.grow_bias)
-        check_number("ent_coef", self.ent_coef, 0)
+        check_choice("architecture", self.architecture, ARCHITECTURES)
+        check_choice("warm_start", self.warm_start, WARM_STARTS)
+        if self.architecture == "attention" and self.hidden % HEADS:
+            raise ValueError(
+                f"hidden={self.hidden} is invalid: architecture='attention' has {HEADS} heads, so hidden must be "
+                f"a multiple of {HEADS}"
+            )
 
     def algorithm_kwargs(self) -> dict[str, Any]:
         """The SB3 constructor arguments these settings give."""
-        names = ("learning_rate", "n_steps", "gamma", "gae_lambda", "ent_coef")
-        return {name: getattr(self, name) for name in names}
+        return {name: getattr(self, name) for name in ("learning_rate", "n_steps", "gamma", "gae_lambda")}
 
 
 @dataclass
-class PPOConfig(PolicyConfig):
-    """Settings of PPO and MaskablePPO: those of every learner plus the clipped, minibatched update's."""
+class A2CConfig(PolicyConfig):
+    """Settings of A2C: those of every learner plus an entropy bonus."""
+
+    ent_coef: float = 0.01
+    """Entropy bonus."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_number("ent_coef", self.ent_coef, 0)
+
+    def algorithm_kwargs(self) -> dict[str, Any]:
+        return super().algorithm_kwargs() | {"ent_coef": self.ent_coef}
+
+
+@dataclass
+class PPOConfig(A2CConfig):
+    """Settings of PPO and MaskablePPO: A2C's plus the clipped, minibatched update's."""
 
     batch_size: int = 16
     """Minibatch size of the PPO update."""
@@ -85,6 +119,31 @@ class PPOConfig(PolicyConfig):
     def algorithm_kwargs(self) -> dict[str, Any]:
         ppo_only = {"batch_size": self.batch_size, "n_epochs": self.n_epochs, "clip_range": self.clip_range}
         return super().algorithm_kwargs() | ppo_only
+
+
+@dataclass
+class TRPOConfig(PolicyConfig):
+    """Settings of TRPO: those of every learner plus the trust region's (no entropy bonus)."""
+
+    architecture: str = "mean"
+    """As for every learner, but 'mean' by default: sb3-contrib's TRPO takes Hessian-vector products through one
+    KL gradient per parameter tensor, which through the attention layers costs about 5x the mean network's."""
+    batch_size: int = 16
+    """Minibatch size of the critic's updates."""
+    target_kl: float = 0.01
+    """Largest mean KL divergence of one policy update (the trust region)."""
+    n_critic_updates: int = 10
+    """Critic updates per rollout."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("batch_size", self.batch_size, 1)
+        check_int("n_critic_updates", self.n_critic_updates, 1)
+        check_number("target_kl", self.target_kl, 0, low_open=True)
+
+    def algorithm_kwargs(self) -> dict[str, Any]:
+        names = ("batch_size", "target_kl", "n_critic_updates")
+        return super().algorithm_kwargs() | {name: getattr(self, name) for name in names}
 
 
 class RunEndIsTerminal(gym.Wrapper):
@@ -129,22 +188,24 @@ class EpisodeLog(BaseCallback):
         return True
 
 
-ALGORITHMS: dict[str, tuple[type[BaseAlgorithm], type[ActorCriticPolicy]]] = {
-    "ppo": (PPO, SlotPolicy),
-    "maskable_ppo": (MaskablePPO, MaskableSlotPolicy),
-    "a2c": (A2C, SlotPolicy),
+ALGORITHMS: dict[str, tuple[type[BaseAlgorithm], type[ActorCriticPolicy], type[PolicyConfig]]] = {
+    "ppo": (PPO, SlotPolicy, PPOConfig),
+    "maskable_ppo": (MaskablePPO, MaskableSlotPolicy, PPOConfig),
+    "a2c": (A2C, SlotPolicy, A2CConfig),
+    "trpo": (TRPO, SlotPolicy, TRPOConfig),
 }
-"""Learner name -> (SB3 algorithm class, slot policy class)."""
+"""Learner name -> (SB3 / sb3-contrib algorithm class, slot policy class, settings class). Every on-policy
+algorithm of the two libraries that accepts a `MultiDiscrete` action space and a custom actor-critic is here;
+RecurrentPPO is not (its LSTM sits before the policy network and would mix the module slots)."""
 
 
 def build_algorithm(
     algorithm: str, config: PolicyConfig, env: gym.Env | VecEnv, seed: int, tensorboard_log: str | None = None
 ) -> BaseAlgorithm:
     """The SB3 / sb3-contrib `algorithm` with the slot policy, learning on `env`: a `BatchedVecEnv` (which
-    reports a run's end as terminal itself) or one gym env (wrapped in `RunEndIsTerminal`). `config` is a
-    PPOConfig for PPO and MaskablePPO and a PolicyConfig for A2C."""
-    cls, policy = ALGORITHMS[algorithm]
-    expected = PolicyConfig if cls is A2C else PPOConfig
+    reports a run's end as terminal itself) or one gym env (wrapped in `RunEndIsTerminal`). `config` is the
+    algorithm's settings class in `ALGORITHMS`."""
+    cls, policy, expected = ALGORITHMS[algorithm]
     if type(config) is not expected:
         raise ValueError(f"{algorithm} takes a {expected.__name__}, not a {type(config).__name__}")
     if not isinstance(env, VecEnv):
@@ -157,21 +218,26 @@ def build_algorithm(
         verbose=0,
         tensorboard_log=tensorboard_log,
         device="cpu",
-        policy_kwargs={"hidden": config.hidden, "grow_bias": config.grow_bias},
+        policy_kwargs={"hidden": config.hidden, "architecture": config.architecture},
     )
 
 
 def algorithm_name(model: BaseAlgorithm) -> str:
-    return next(name for name, (cls, _) in ALGORITHMS.items() if type(model) is cls)
+    return next(name for name, (cls, *_) in ALGORITHMS.items() if type(model) is cls)
 
 
 def policy_bytes(model: BaseAlgorithm) -> bytes:
     """SB3's `.zip` of `model`, plus a small `strato.json` entry naming the algorithm and the observation
-    layout's version, so that `load_policy` needs no hint and refuses a policy trained on another layout."""
+    layout's and the policy network's versions, so that `load_policy` needs no hint and refuses a policy it would
+    misread."""
     buffer = io.BytesIO()
     model.save(buffer)
     with zipfile.ZipFile(buffer, "a") as archive:
-        meta = {"algorithm": algorithm_name(model), "observation_version": OBSERVATION_VERSION}
+        meta = {
+            "algorithm": algorithm_name(model),
+            "observation_version": OBSERVATION_VERSION,
+            "policy_version": POLICY_VERSION,
+        }
         archive.writestr("strato.json", json.dumps(meta))
     return buffer.getvalue()
 
@@ -182,7 +248,8 @@ def save_policy(model: BaseAlgorithm, path: str | os.PathLike) -> None:
 
 
 def load_policy(source: str | os.PathLike | bytes, env: gym.Env | None = None) -> BaseAlgorithm:
-    """Load a policy written by `save_policy` (a path) or `policy_bytes` (the bytes): PPO, A2C or MaskablePPO."""
+    """Load a policy written by `save_policy` (a path) or `policy_bytes` (the bytes), of any algorithm in
+    `ALGORITHMS`."""
     name = "the policy bytes" if isinstance(source, bytes) else os.fspath(source)
     file = io.BytesIO(source) if isinstance(source, bytes) else source
     with zipfile.ZipFile(file) as archive:
@@ -194,6 +261,12 @@ def load_policy(source: str | os.PathLike | bytes, env: gym.Env | None = None) -
         raise ValueError(
             f"{name} was trained on observation layout v{version}; this strato_env writes v{OBSERVATION_VERSION}, "
             "which the policy would misread. Retrain it with this version."
+        )
+    policy_version = meta.get("policy_version", 1)
+    if policy_version != POLICY_VERSION:
+        raise ValueError(
+            f"{name} holds a v{policy_version} slot policy; this strato builds v{POLICY_VERSION} (attention or "
+            "mean over slots, padding masked out of the log-probability). Retrain it with this version."
         )
     if isinstance(file, io.BytesIO):
         file.seek(0)

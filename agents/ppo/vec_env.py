@@ -14,6 +14,7 @@ from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices, VecEnvO
 from strato_env.config import EnvConfig
 from strato_env.env import check_action, observation_space
 from strato_env.episodes import SHARED_FIELDS, EpisodeBatch
+from strato_env.instance import instance_key
 
 
 def _group_key(config: EnvConfig) -> str:
@@ -52,6 +53,17 @@ class BatchedVecEnv(VecEnv):
     @property
     def total_optimizer_steps(self) -> int:
         return sum(batch.total_optimizer_steps for batch, _ in self.groups)
+
+    @property
+    def probe_optimizer_steps(self) -> int:
+        """Optimizer steps of the importance probes of the distinct instances played (each cached per instance,
+        and not in `total_optimizer_steps`)."""
+        probes = {
+            instance_key(sub.config): sub.config.probe_steps * len(batch.modules)
+            for batch, _ in self.groups
+            for sub in batch.subs
+        }
+        return sum(probes.values())
 
     def _observations(self) -> VecEnvObs:
         per_env = [self._where[i][0].observation(self._where[i][1]) for i in range(self.num_envs)]

@@ -15,7 +15,7 @@ from agents.bench import BenchConfig, run_bench
 from agents.cli import main
 from agents.config import load_train_config
 from agents.methods import METHODS, Method
-from agents.ppo.train import PolicyConfig, PPOConfig, load_policy
+from agents.ppo.train import A2CConfig, PPOConfig, TRPOConfig, load_policy
 from agents.result import SearchResult
 from strato_env.config import from_dict
 from strato_env.validation import check_int
@@ -76,7 +76,7 @@ def test_one_registry_entry_adds_a_method_to_the_cli_the_bench_and_validation(re
     assert sorted(set(cell["allocation"].values())) == [0, 2]  # its options reached its search
 
     assert main(["train", "agent=last_layer", f"runs_dir={tmp_path}"]) == 2  # not a trainable agent
-    assert "agent='last_layer' is invalid: allowed ['go_explore', 'ppo', 'maskable_ppo', 'a2c']" in (
+    assert "agent='last_layer' is invalid: allowed ['go_explore', 'ppo', 'maskable_ppo', 'a2c', 'trpo']" in (
         capsys.readouterr().err
     )
 
@@ -95,7 +95,8 @@ def test_the_agent_selects_the_learner(agent, cls, tmp_path):
 
 
 def test_options_of_another_learner_are_rejected_not_dropped():
-    assert type(load_train_config(None, ["agent=a2c"]).ppo) is PolicyConfig
+    assert type(load_train_config(None, ["agent=a2c"]).ppo) is A2CConfig
+    assert type(load_train_config(None, ["agent=trpo"]).ppo) is TRPOConfig
     assert type(load_train_config(None, ["agent=ppo"]).ppo) is PPOConfig
     for key in ("clip_range=0.1", "batch_size=4", "n_epochs=2"):
         with pytest.raises(ValueError, match=rf"unknown key ppo.{key.split('=')[0]}; .*\(agent=a2c\)"):

@@ -11,9 +11,10 @@ from agents.config import load_train_config
 from agents.evaluation import run_policy_episode
 from agents.ppo.policy import SlotActionHead
 from agents.ppo.train import (
-    PolicyConfig,
+    A2CConfig,
     PPOConfig,
     RunEndIsTerminal,
+    TRPOConfig,
     build_algorithm,
     load_policy,
     policy_bytes,
@@ -21,10 +22,11 @@ from agents.ppo.train import (
 )
 from agents.ppo.vec_env import BatchedVecEnv
 from strato_env.env import GROW, SHRINK, RankAllocationEnv
-from strato_env.observation import DECISIONS_LEFT, PRESENT, module_table
+from strato_env.observation import DECISIONS_LEFT, MODULE_FEATURES, PRESENT, module_table
 
 TINY = {"decisions": 3, "inner_steps": 1, "probe_steps": 2, "task": {"eval_examples": 16}}
 TINY_PPO = {"n_steps": 30, "batch_size": 15, "n_epochs": 2}
+TINY_TRPO = {"n_steps": 30, "batch_size": 15, "n_critic_updates": 2}
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +34,21 @@ def gpt2_env():
     return RankAllocationEnv(**TINY)
 
 
-@pytest.mark.parametrize("algorithm", ["ppo", "maskable_ppo", "a2c"])
+def tiny_config(algorithm: str, n_steps: int, batch_size: int, n_epochs: int = 2):
+    """The algorithm's settings class with a tiny rollout."""
+    if algorithm == "a2c":
+        return A2CConfig(n_steps=n_steps)
+    if algorithm == "trpo":
+        return TRPOConfig(n_steps=n_steps, batch_size=batch_size, n_critic_updates=n_epochs)  # its default: mean
+    return PPOConfig(n_steps=n_steps, batch_size=batch_size, n_epochs=n_epochs)
+
+
+ALL = ["ppo", "maskable_ppo", "a2c", "trpo"]
+
+
+@pytest.mark.parametrize("algorithm", ALL)
 def test_training_changes_the_slot_head_and_the_policy_round_trips(algorithm, gpt2_env, tmp_path):
-    config = PPOConfig(**TINY_PPO) if algorithm != "a2c" else PolicyConfig(n_steps=5)
+    config = tiny_config(algorithm, 5 if algorithm == "a2c" else 30, 15)
     model = build_algorithm(algorithm, config, gpt2_env, seed=0)
     assert isinstance(model.policy.action_net, SlotActionHead)
     head_before = [p.detach().clone() for p in model.policy.action_net.parameters()]
@@ -101,10 +115,10 @@ def test_the_batched_vec_env_spreads_instances_and_resets_in_the_same_step():
         BatchedVecEnv(configs, n_envs=1)
 
 
-@pytest.mark.parametrize("algorithm", ["ppo", "maskable_ppo", "a2c"])
+@pytest.mark.parametrize("algorithm", ALL)
 def test_learners_train_on_the_batched_vec_env_reproducibly(algorithm):
     """A few updates on 4 sub-episodes change the policy; the same seed gives the same policy, bit for bit."""
-    config = PPOConfig(n_steps=3, batch_size=6, n_epochs=2) if algorithm != "a2c" else PolicyConfig(n_steps=3)
+    config = tiny_config(algorithm, 3, 6)
     trained = []
     for _ in range(2):
         vec = BatchedVecEnv([RankAllocationEnv(**TINY).config], n_envs=4)
@@ -119,30 +133,66 @@ def test_learners_train_on_the_batched_vec_env_reproducibly(algorithm):
 
 
 def test_bad_ppo_config_names_the_field():
-    with pytest.raises(ValueError, match=r"a2c takes a PolicyConfig, not a PPOConfig"):
+    with pytest.raises(ValueError, match=r"a2c takes a A2CConfig, not a PPOConfig"):
         build_algorithm("a2c", PPOConfig(), RankAllocationEnv(**TINY), seed=0)
     with pytest.raises(ValueError, match=r"^gamma=1.5 is invalid"):
         PPOConfig(gamma=1.5)
     with pytest.raises(ValueError, match=r"^n_envs=0 is invalid"):
         PPOConfig(n_envs=0)
-    with pytest.raises(ValueError, match=r"^grow_bias=nan is invalid: expected a finite number$"):
-        PPOConfig(grow_bias=float("nan"))
+    with pytest.raises(ValueError, match=r"^architecture='lstm' is invalid: allowed: \['attention', 'mean'\]"):
+        PPOConfig(architecture="lstm")
+    with pytest.raises(ValueError, match=r"^hidden=30 is invalid: architecture='attention' has 4 heads"):
+        PPOConfig(hidden=30)
+    with pytest.raises(ValueError, match=r"^warm_start='bc' is invalid: allowed: \['greedy', 'none'\]"):
+        TRPOConfig(warm_start="bc")
+    with pytest.raises(ValueError, match=r"^target_kl=0 is invalid"):
+        TRPOConfig(target_kl=0)
     with pytest.raises(ValueError, match=r"^ppo.gamma=1.5 is invalid"):  # in a config, the key is named in full
         load_train_config(None, ["ppo.gamma=1.5"])
 
 
-@pytest.mark.parametrize("grow_bias", [0.0, 2.0])
-def test_grow_bias_sets_the_untrained_grow_probability_and_is_saved(grow_bias, gpt2_env, tmp_path):
-    model = build_algorithm("maskable_ppo", PPOConfig(grow_bias=grow_bias, **TINY_PPO), gpt2_env, seed=0)
-    save_policy(model, str(tmp_path / "policy.zip"))
-    observation, _ = gpt2_env.reset(seed=0)  # every module at rank 0: shrink is masked, keep or grow remain
+@pytest.mark.parametrize("architecture", ["attention", "mean"])
+def test_padding_slots_change_nothing_in_the_action_distribution(architecture, gpt2_env):
+    """The same weights on the same 16-module model, once with 16 slots (no padding) and once with 64: the real
+    slots' move probabilities, the log-probability of an action and the entropy are the same; padding slots
+    keep with probability 1 and add nothing to either."""
+    config = PPOConfig(architecture=architecture, **TINY_PPO)
+    padded = build_algorithm("ppo", config, gpt2_env, seed=0).policy
+    unpadded_env = RankAllocationEnv(**TINY, max_modules=len(gpt2_env.modules))
+    unpadded = build_algorithm("ppo", config, unpadded_env, seed=1).policy
+    unpadded.load_state_dict(padded.state_dict())
     n = len(gpt2_env.modules)
-    for policy in (model.policy, load_policy(str(tmp_path / "policy.zip")).policy):
-        obs_tensor, _ = policy.obs_to_tensor(observation)
-        distribution = policy.get_distribution(obs_tensor, action_masks=gpt2_env.action_masks())
-        grow = torch.stack([d.probs[0, GROW] for d in distribution.distributions[:n]])
-        expected = np.exp(grow_bias) / (1 + np.exp(grow_bias))
-        np.testing.assert_allclose(grow.detach().numpy(), expected, atol=0.02)
+    gpt2_env.reset(seed=0)
+    observation, *_ = gpt2_env.step(np.full(gpt2_env.config.max_modules, GROW))  # ranks above 0, loss below L_0
+    short = {"modules": observation["modules"][: n * MODULE_FEATURES], "global": observation["global"]}
+    rng = np.random.default_rng(0)
+    actions = rng.integers(0, 3, size=n)
+    results = []
+    for policy, obs, slots in ((padded, observation, 64), (unpadded, short, n)):
+        obs_tensor, _ = policy.obs_to_tensor(obs)
+        action = torch.as_tensor(np.concatenate([actions, np.ones(slots - n, dtype=np.int64)]))[None]
+        distribution = policy.get_distribution(obs_tensor)
+        probs = torch.stack([d.probs[0] for d in distribution.distribution])
+        _, log_prob, entropy = policy.evaluate_actions(obs_tensor, action)
+        results.append((probs, log_prob, entropy))
+    (probs_64, log_prob_64, entropy_64), (probs_n, log_prob_n, entropy_n) = results
+    torch.testing.assert_close(probs_64[:n], probs_n, rtol=1e-5, atol=1e-6)
+    assert torch.equal(probs_64[n:], torch.tensor([[0.0, 1.0, 0.0]]).expand(64 - n, 3))
+    torch.testing.assert_close(log_prob_64, log_prob_n, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy_64, entropy_n, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(probs_n[:, 1], probs_n[:1, 1].expand(n))  # the slots do differ
+
+
+def test_the_attention_policy_is_twice_differentiable(gpt2_env):
+    """TRPO takes Hessian-vector products of the policy's KL divergence: a second derivative through attention."""
+    policy = build_algorithm("trpo", TRPOConfig(architecture="attention", **TINY_TRPO), gpt2_env, seed=0).policy
+    observation, _ = gpt2_env.reset(seed=0)
+    obs_tensor, _ = policy.obs_to_tensor(observation)
+    log_prob = policy.get_distribution(obs_tensor).log_prob(torch.full((1, 64), GROW)).sum()
+    parameters = [p for p in policy.mlp_extractor.mixer.parameters()]
+    gradients = torch.autograd.grad(log_prob, parameters, create_graph=True)
+    second = torch.autograd.grad(sum((g * g).sum() for g in gradients), parameters, allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in second)
 
 
 class StepRewards(BaseCallback):
@@ -157,12 +207,10 @@ class StepRewards(BaseCallback):
         return True
 
 
-@pytest.mark.parametrize("algorithm", ["maskable_ppo", "a2c"])
+@pytest.mark.parametrize("algorithm", ["maskable_ppo", "a2c", "trpo"])
 def test_the_learner_does_not_bootstrap_past_the_last_decision(algorithm, gpt2_env):
     steps = 2 * TINY["decisions"]  # one rollout of two whole episodes
-    config = (
-        PolicyConfig(n_steps=steps) if algorithm == "a2c" else PPOConfig(n_steps=steps, batch_size=steps, n_epochs=1)
-    )
+    config = tiny_config(algorithm, steps, steps, n_epochs=1)
     model = build_algorithm(algorithm, config, gpt2_env, seed=0)
     rewards = StepRewards()
     model.learn(steps, callback=rewards)
@@ -204,3 +252,10 @@ def test_a_policy_saved_under_another_observation_layout_is_refused(gpt2_env, tm
     (tmp_path / "v0.zip").write_bytes(old.getvalue())  # written before the layout had a version: v0
     with pytest.raises(ValueError, match=r"v0.zip was trained on observation layout v0; this strato_env writes v1"):
         load_policy(tmp_path / "v0.zip")
+    old = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(policy_bytes(model))) as source, zipfile.ZipFile(old, "w") as target:
+        for item in source.namelist():
+            meta = {"algorithm": "maskable_ppo", "observation_version": 1}  # written before policies had a version
+            target.writestr(item, json.dumps(meta) if item == "strato.json" else source.read(item))
+    with pytest.raises(ValueError, match=r"^the policy bytes holds a v1 slot policy; this strato builds v2"):
+        load_policy(old.getvalue())

@@ -1,0 +1,208 @@
+"""Meta-training a policy on a set of instances: a warm start cloned from greedy-by-importance, reinforcement
+learning on the batched engine, and the policy kept at its best score on held-out validation instances."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from sb3_contrib import MaskablePPO
+from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.callbacks import BaseCallback
+from torch.nn import functional as F
+
+from agents import baselines
+from agents.ppo.train import PolicyConfig, build_algorithm, load_policy, policy_bytes
+from agents.ppo.vec_env import BatchedVecEnv
+from strato_env.config import EnvConfig
+from strato_env.env import GROW, KEEP, SHRINK, RankAllocationEnv
+from strato_env.observation import PRESENT, RANK, module_table
+
+WARM_START_BATCH = 64
+"""Minibatch size of the warm start's supervised updates."""
+VALIDATION_SEED = 0
+"""Seed of the validation episodes, the same at every evaluation so that scores compare."""
+
+
+@dataclass
+class MetaTraining:
+    """A meta-trained policy and what it cost."""
+
+    model: BaseAlgorithm
+    """The policy with the best validation score (the last one when there are no validation instances)."""
+    optimizer_steps: int
+    """Every optimizer step spent: warm start episodes, learning episodes, validation episodes and the instances'
+    importance probes."""
+    validation: list[dict[str, Any]] = field(default_factory=list)
+    """One row per evaluation: `timesteps` (of reinforcement learning, 0 after the warm start) and `return` (mean
+    over validation instances of the return of the policy's deterministic episode, `validation_return`)."""
+    warm_start: dict[str, Any] | None = None
+    """The warm start's `decisions` cloned, its final `loss` and `agreement` (share of real module slots where
+    the policy's most likely move is the teacher's), or None without one."""
+
+
+def greedy_targets(configs: Sequence[EnvConfig]) -> list[np.ndarray]:
+    """Greedy-by-importance's allocation of each instance as one rank per module slot (0 on padding slots)."""
+    targets = []
+    for config in configs:
+        env = RankAllocationEnv(config)
+        allocation = baselines.greedy(env, seed=0).allocation
+        ranks = np.zeros(config.max_modules)
+        ranks[: len(env.modules)] = [allocation[m.name] for m in env.modules]
+        targets.append(ranks)
+    return targets
+
+
+def teacher_actions(modules: np.ndarray, targets: np.ndarray, r_max: int) -> np.ndarray:
+    """The greedy teacher's moves on a batch of flat `modules` observations: grow a slot below its target rank,
+    shrink one above it, keep the rest (padding slots have target 0 and rank 0, so they keep)."""
+    ranks = np.rint(module_table(modules)[..., RANK] * r_max)
+    return np.where(ranks < targets, GROW, np.where(ranks > targets, SHRINK, KEEP)).astype(np.int64)
+
+
+def teacher_decisions(
+    vec_env: BatchedVecEnv, targets: np.ndarray, r_max: int, episodes: int, gamma: float, seed: int
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """(observations, teacher actions, discounted returns) of `episodes` whole teacher episodes per sub-episode
+    of `vec_env`; `targets` holds one row of slot ranks per sub-episode."""
+    vec_env.seed(seed)
+    observation = vec_env.reset()
+    pending: list[list[tuple[dict[str, np.ndarray], np.ndarray, float]]] = [[] for _ in range(vec_env.num_envs)]
+    done_episodes = np.zeros(vec_env.num_envs, dtype=int)
+    kept: list[tuple[dict[str, np.ndarray], np.ndarray, float]] = []
+    while (done_episodes < episodes).any():
+        actions = teacher_actions(observation["modules"], targets, r_max)
+        next_observation, rewards, dones, _ = vec_env.step(actions)
+        for i in range(vec_env.num_envs):
+            pending[i].append(({k: v[i] for k, v in observation.items()}, actions[i], float(rewards[i])))
+            if dones[i]:
+                if done_episodes[i] < episodes:
+                    future = 0.0
+                    for obs_i, action_i, reward_i in reversed(pending[i]):
+                        future = reward_i + gamma * future
+                        kept.append((obs_i, action_i, future))
+                done_episodes[i] += 1
+                pending[i] = []
+        observation = next_observation
+    observations = {key: np.stack([o[key] for o, _, _ in kept]) for key in kept[0][0]}
+    return observations, np.stack([a for _, a, _ in kept]), np.array([r for _, _, r in kept], np.float32)
+
+
+def _agreement(model: BaseAlgorithm, observations: dict[str, torch.Tensor], actions: torch.Tensor) -> float:
+    policy = model.policy
+    with torch.no_grad():
+        logits = policy.action_net(policy.mlp_extractor.forward_actor(policy.extract_features(observations)))
+    predicted = logits.reshape(*actions.shape, -1).argmax(-1)
+    present = module_table(observations["modules"])[..., PRESENT] > 0.5
+    return float((predicted == actions)[present].float().mean())
+
+
+def warm_start(
+    model: BaseAlgorithm, vec_env: BatchedVecEnv, configs: Sequence[EnvConfig], settings: PolicyConfig, seed: int
+) -> dict[str, Any]:
+    """Behaviour cloning of the greedy teacher: maximise the policy's log-probability of the teacher's moves on
+    its episodes and fit the critic to their returns. Returns the `MetaTraining.warm_start` record."""
+    per_config = greedy_targets(configs)
+    targets = np.stack([per_config[i % len(configs)] for i in range(vec_env.num_envs)])
+    r_max = max(configs[0].rank_ladder)
+    observations, actions, returns = teacher_decisions(
+        vec_env, targets, r_max, settings.warm_start_episodes, settings.gamma, seed
+    )
+    policy = model.policy
+    observations_t = {key: torch.as_tensor(value) for key, value in observations.items()}
+    actions_t, returns_t = torch.as_tensor(actions), torch.as_tensor(returns)
+    generator = torch.Generator().manual_seed(seed)
+    policy.set_training_mode(True)
+    loss = torch.tensor(math.nan)
+    for _ in range(settings.warm_start_epochs):
+        for batch in torch.randperm(len(actions_t), generator=generator).split(WARM_START_BATCH):
+            values, log_prob, _ = policy.evaluate_actions({k: v[batch] for k, v in observations_t.items()},
+                                                          actions_t[batch])  # fmt: skip
+            loss = -log_prob.mean() + F.mse_loss(values.flatten(), returns_t[batch])
+            policy.optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), 0.5)
+            policy.optimizer.step()
+    policy.set_training_mode(False)
+    agreement = _agreement(model, observations_t, actions_t)
+    return {"decisions": len(actions_t), "loss": loss.item(), "agreement": agreement}
+
+
+def validation_return(model: BaseAlgorithm, vec_env: BatchedVecEnv) -> float:
+    """Mean over `vec_env`'s sub-episodes of the return of one deterministic episode of the policy: the env's
+    objective, (L_0 - L_T) / L_0 less the parameter cost (and any divergence penalty)."""
+    vec_env.seed(VALIDATION_SEED)
+    observation = vec_env.reset()
+    returns = np.zeros(vec_env.num_envs)
+    finished = np.zeros(vec_env.num_envs, dtype=bool)
+    while not finished.all():
+        masks = {"action_masks": np.stack(vec_env.env_method("action_masks"))} if isinstance(model, MaskablePPO) else {}
+        actions, _ = model.predict(observation, deterministic=True, **masks)
+        observation, rewards, dones, _ = vec_env.step(actions)
+        returns += np.where(finished, 0.0, rewards)
+        finished |= dones
+    return float(returns.mean())
+
+
+class ValidationCheckpoints(BaseCallback):
+    """Scores the policy on the validation instances every `every` rollouts and keeps the best one's bytes."""
+
+    def __init__(self, vec_env: BatchedVecEnv | None, every: int) -> None:
+        super().__init__()
+        self.vec_env, self.every = vec_env, every
+        self.rows: list[dict[str, Any]] = []
+        self.best: bytes | None = None
+        self.rollouts = 0
+
+    def evaluate(self, model: BaseAlgorithm, timesteps: int) -> None:
+        if self.vec_env is None or (self.rows and self.rows[-1]["timesteps"] == timesteps):
+            return
+        score = validation_return(model, self.vec_env)
+        if not self.rows or score > max(row["return"] for row in self.rows):
+            self.best = policy_bytes(model)
+        self.rows.append({"timesteps": timesteps, "return": score})
+
+    def _on_rollout_end(self) -> None:
+        self.rollouts += 1
+        if self.rollouts % self.every == 0:
+            self.evaluate(self.model, self.num_timesteps)
+
+    def _on_step(self) -> bool:
+        return True
+
+
+def meta_train(
+    algorithm: str,
+    settings: PolicyConfig,
+    train: Sequence[EnvConfig],
+    validation: Sequence[EnvConfig],
+    seed: int,
+    callbacks: Sequence[BaseCallback] = (),
+    tensorboard_log: str | None = None,
+    progress_bar: bool = False,
+) -> MetaTraining:
+    """Meta-train `algorithm` on the `train` instances (sub-episode i of `settings.n_envs` plays train instance
+    i modulo their number): the warm start, then `settings.total_timesteps` decisions of reinforcement learning,
+    scored on the `validation` instances after the warm start, every `settings.eval_every` rollouts and at the
+    end. The best-scoring policy is returned."""
+    vec_env = BatchedVecEnv(train, settings.n_envs)
+    validation_env = BatchedVecEnv(validation, len(validation)) if validation else None
+    model = build_algorithm(algorithm, settings, vec_env, seed, tensorboard_log=tensorboard_log)
+    record = warm_start(model, vec_env, train, settings, seed) if settings.warm_start == "greedy" else None
+    checkpoints = ValidationCheckpoints(validation_env, settings.eval_every)
+    checkpoints.evaluate(model, 0)
+    model.learn(
+        settings.total_timesteps, callback=[*callbacks, checkpoints], progress_bar=progress_bar, tb_log_name=algorithm
+    )
+    checkpoints.evaluate(model, model.num_timesteps)
+    best = model
+    if checkpoints.rows and checkpoints.rows[-1]["return"] < max(row["return"] for row in checkpoints.rows):
+        best = load_policy(checkpoints.best, env=vec_env)
+    steps = vec_env.total_optimizer_steps + vec_env.probe_optimizer_steps
+    if validation_env is not None:
+        steps += validation_env.total_optimizer_steps + validation_env.probe_optimizer_steps
+    return MetaTraining(best, steps, checkpoints.rows, record)
