@@ -9,7 +9,8 @@ Each baseline's options are the fields of its options dataclass (`GreedyOptions`
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,9 +24,17 @@ from agents.evaluation import uniform_allocation
 from agents.result import SearchResult
 from strato_env.config import from_dict
 from strato_env.engine import ADAPTER
-from strato_env.env import KEEP, RankAllocationEnv
+from strato_env.env import GROW, KEEP, RankAllocationEnv
 from strato_env.models import fan_in_fan_out
-from strato_env.observation import IMPORTANCE, module_table
+from strato_env.observation import (
+    BUDGET_USED,
+    DECISIONS_LEFT,
+    IMPORTANCE,
+    PARAMS_PER_RANK,
+    PRESENT,
+    RANK,
+    module_table,
+)
 from strato_env.validation import check_int, check_number
 
 DEFAULT_TRIALS = 4
@@ -278,6 +287,24 @@ def random_search(
     return trials.result("random")
 
 
+@contextmanager
+def _episode_restored(env: RankAllocationEnv) -> Iterator[None]:
+    """Runs episodes on `env` and then puts back the episode it held (as `evaluate_allocation` does)."""
+    try:
+        saved = env.get_state()
+    except RuntimeError:  # no episode yet
+        saved = None
+    try:
+        yield
+    finally:
+        if saved is not None:
+            env.set_state(saved)
+
+
+def _importance(env: RankAllocationEnv, observation: dict[str, np.ndarray]) -> np.ndarray:
+    return module_table(observation["modules"])[: len(env.modules), IMPORTANCE]
+
+
 def greedy(
     env: RankAllocationEnv, seed: int = 0, max_optimizer_steps: int | None = None, **options: Any
 ) -> SearchResult:
@@ -299,22 +326,62 @@ def greedy(
         )
     smallest = {m.name: env.ladder[1] for m in env.modules}
     start = smallest if probe and env.params_of(smallest) <= env.budget else {}
-    try:
-        saved = env.get_state()  # restored below, as evaluate_allocation does
-    except RuntimeError:  # no episode yet
-        saved = None
-    try:
+    with _episode_restored(env):
         observation, info = env.reset(seed=seed, options={"allocation": start})
         for _ in range(probe):
             observation, _, terminated, truncated, info = env.step(np.full(env.config.max_modules, KEEP))
             if terminated or truncated:
                 break
-    finally:
-        if saved is not None:
-            env.set_state(saved)
-    importance = module_table(observation["modules"])[: len(env.modules), IMPORTANCE]
+    importance = _importance(env, observation)
     index = _fill(env, [0] * len(env.modules), lambda fitting: max(fitting, key=lambda slot: importance[slot]))
     return SearchResult("greedy", _allocation(env, index), int(info["optimizer_steps"]))
+
+
+def iterative_greedy_action(
+    modules: np.ndarray, global_: np.ndarray, ladder: Sequence[int], decisions: int
+) -> np.ndarray:
+    """Iterative greedy's move at one decision, read from the observation alone (`modules` as `module_table`
+    rows, `global_` the global features): at decision t, grow by one ladder step each of the most important
+    modules (in order of importance, ties in slot order) whose grows fit within (t + 1) / decisions of the
+    budget; every other slot keeps."""
+    t = round((1 - float(global_[DECISIONS_LEFT])) * decisions)
+    used, cap = float(global_[BUDGET_USED]), (t + 1) / decisions + 1e-6  # fractions of the budget
+    ranks = np.rint(modules[:, RANK] * ladder[-1]).astype(int)
+    action = np.full(len(modules), KEEP, dtype=np.int64)
+    for slot in np.argsort(-modules[:, IMPORTANCE], kind="stable"):
+        if modules[slot, PRESENT] < 0.5 or ranks[slot] >= ladder[-1]:
+            continue
+        cost = (ladder[list(ladder).index(ranks[slot]) + 1] - ranks[slot]) * float(modules[slot, PARAMS_PER_RANK])
+        if used + cost <= cap:
+            used += cost
+            action[slot] = GROW
+    return action
+
+
+def greedy_iterative(
+    env: RankAllocationEnv, seed: int = 0, max_optimizer_steps: int | None = None, **options: Any
+) -> SearchResult:
+    """Greedy that re-reads the importance after each fill step: one episode from `reset(seed)` driven by
+    `iterative_greedy_action`, so decision t fills up to (t + 1) / decisions of the budget by the importance
+    the env observes then. Between decisions the ranks so far train for `inner_steps` steps, so each fill
+    reads the remaining gradient share under them. Returns the episode's final allocation (one episode of
+    optimizer steps). The env's current episode is restored."""
+    _options(NoOptions, "greedy_iterative", options)
+    episode = _episode_steps(env)
+    if _step_limit(max_optimizer_steps, episode) < episode:
+        raise ValueError(
+            f"max_optimizer_steps={max_optimizer_steps} is invalid: greedy_iterative runs one episode of "
+            f"{episode} steps; allowed: >= {episode} or None"
+        )
+    with _episode_restored(env):
+        observation, info = env.reset(seed=seed)
+        done = False
+        while not done:
+            modules = module_table(observation["modules"])
+            action = iterative_greedy_action(modules, observation["global"], env.ladder, env.config.decisions)
+            observation, _, terminated, truncated, info = env.step(action)
+            done = terminated or truncated
+    return SearchResult("greedy_iterative", dict(info["allocation"]), int(info["optimizer_steps"]))
 
 
 # ---- AdaLoRA ------------------------------------------------------------------------------------------------

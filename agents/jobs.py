@@ -50,6 +50,7 @@ def _write_results(
     title: str,
     points: list[dict[str, Any]] | None = None,
     notes: list[str] | None = None,
+    validation: list[dict[str, Any]] | None = None,
 ) -> None:
     """allocation.json, adapter/, metrics.csv, evaluation.csv, plots and report.md (written last)."""
     run.write_json("allocation.json", allocation)
@@ -59,7 +60,7 @@ def _write_results(
         title += " (no adapter: the allocation adapts no module)"
     run.write_csv("metrics.csv", rows)
     run.write_csv("evaluation.csv", evaluation)
-    run.save_figure("learning_curve.png", learning_curve(rows, curve_x, title))
+    run.save_figure("learning_curve.png", learning_curve(rows, curve_x, title, validation or []))
     run.save_figure("rank_heatmap.png", rank_heatmap(env.modules, allocation, f"{title}: ranks"))
     references = {
         "uniform LoRA": (env.params_of(uniform_allocation(env)), evaluation[0]["uniform_loss"]),
@@ -134,7 +135,8 @@ def _train_policy(config: TrainConfig, envs: list[RankAllocationEnv], run: RunFo
         progress_bar=True,
     )
     save_policy(meta.model, run.path / "policy.zip")
-    run.write_csv("validation.csv", meta.validation)
+    if meta.validation:
+        run.write_csv("validation.csv", meta.validation)
     run.write_json("meta_training.json", {"optimizer_steps": meta.optimizer_steps, "warm_start": meta.warm_start})
 
     # scoring restores each env's episode, so envs[0] ends holding the policy's trained adapter for export
@@ -146,8 +148,10 @@ def _train_policy(config: TrainConfig, envs: list[RankAllocationEnv], run: RunFo
             episodes.append(run_policy_episode(meta.model, env_, seed=config.seed))
             score = _score(env_, episodes[-1]["loss"], episodes[-1]["allocation"], config.seed)
             evaluation.append(score | {"split": split})
-    notes = _meta_notes(meta)
-    _write_results(run, envs[0], episodes[0]["allocation"], rows, evaluation, "timesteps", config.agent, notes=notes)
+    _write_results(
+        run, envs[0], episodes[0]["allocation"], rows, evaluation, "timesteps", config.agent,
+        notes=_meta_notes(meta), validation=meta.validation,
+    )  # fmt: skip
 
 
 def _meta_notes(meta: MetaTraining) -> list[str]:

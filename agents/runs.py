@@ -78,13 +78,21 @@ def is_complete(path: str | os.PathLike) -> bool:
 
 
 # ---- plots ----------------------------------------------------------------------------------------------------
-def learning_curve(rows: Sequence[dict[str, Any]], x: str, title: str) -> plt.Figure:
+def learning_curve(
+    rows: Sequence[dict[str, Any]], x: str, title: str, validation: Sequence[dict[str, Any]] = ()
+) -> plt.Figure:
+    """Final loss and return of each training episode by `x`; `validation` rows (`x` and `return`) are drawn on
+    the return panel."""
     figure, (loss_axis, return_axis) = plt.subplots(1, 2, figsize=(10, 3.6))
     xs = [row[x] for row in rows]
     loss_axis.plot(xs, [row["loss"] for row in rows], ".-", alpha=0.8)
     loss_axis.set(xlabel=x, ylabel="final evaluation loss", title=title, yscale="log")
     if rows and "return" in rows[0]:
-        return_axis.plot(xs, [row["return"] for row in rows], ".-", color="tab:green", alpha=0.8)
+        return_axis.plot(xs, [row["return"] for row in rows], ".-", color="tab:green", alpha=0.8, label="train")
+        if validation:
+            points = [row[x] for row in validation], [row["return"] for row in validation]
+            return_axis.plot(*points, "o-", color="tab:red", label="validation (deterministic)")
+            return_axis.legend()
         return_axis.set(xlabel=x, ylabel="episode return", title="return")
     else:
         return_axis.set_visible(False)

@@ -1,10 +1,10 @@
-"""Meta-training a policy on a set of instances: a warm start cloned from greedy-by-importance, reinforcement
+"""Meta-training a policy on a set of instances: a warm start cloned from a greedy teacher, reinforcement
 learning on the batched engine, and the policy kept at its best score on held-out validation instances."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,18 +64,42 @@ def teacher_actions(modules: np.ndarray, targets: np.ndarray, r_max: int) -> np.
     return np.where(ranks < targets, GROW, np.where(ranks > targets, SHRINK, KEEP)).astype(np.int64)
 
 
+Teacher = Callable[[dict[str, np.ndarray]], np.ndarray]
+"""A batch of observations (one per sub-episode) -> the teacher's actions."""
+
+
+def teacher(name: str, vec_env: BatchedVecEnv, configs: Sequence[EnvConfig]) -> Teacher:
+    """The warm start's teacher on `vec_env` (sub-episode i plays `configs[i % len(configs)]`): 'greedy' grows
+    each slot toward greedy's allocation; 'greedy_iterative' moves as `baselines.iterative_greedy_action`."""
+    played = [configs[i % len(configs)] for i in range(vec_env.num_envs)]
+    if name == "greedy":
+        per_config = greedy_targets(configs)
+        targets = np.stack([per_config[i % len(configs)] for i in range(vec_env.num_envs)])
+        r_max = max(configs[0].rank_ladder)
+        return lambda observation: teacher_actions(observation["modules"], targets, r_max)
+
+    def iterative(observation: dict[str, np.ndarray]) -> np.ndarray:
+        tables = module_table(observation["modules"])
+        return np.stack([
+            baselines.iterative_greedy_action(table, global_, config.rank_ladder, config.decisions)
+            for table, global_, config in zip(tables, observation["global"], played, strict=True)
+        ])  # fmt: skip
+
+    return iterative
+
+
 def teacher_decisions(
-    vec_env: BatchedVecEnv, targets: np.ndarray, r_max: int, episodes: int, gamma: float, seed: int
+    vec_env: BatchedVecEnv, act: Teacher, episodes: int, gamma: float, seed: int
 ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
     """(observations, teacher actions, discounted returns) of `episodes` whole teacher episodes per sub-episode
-    of `vec_env`; `targets` holds one row of slot ranks per sub-episode."""
+    of `vec_env`."""
     vec_env.seed(seed)
     observation = vec_env.reset()
     pending: list[list[tuple[dict[str, np.ndarray], np.ndarray, float]]] = [[] for _ in range(vec_env.num_envs)]
     done_episodes = np.zeros(vec_env.num_envs, dtype=int)
     kept: list[tuple[dict[str, np.ndarray], np.ndarray, float]] = []
     while (done_episodes < episodes).any():
-        actions = teacher_actions(observation["modules"], targets, r_max)
+        actions = act(observation)
         next_observation, rewards, dones, _ = vec_env.step(actions)
         for i in range(vec_env.num_envs):
             pending[i].append(({k: v[i] for k, v in observation.items()}, actions[i], float(rewards[i])))
@@ -104,14 +128,11 @@ def _agreement(model: BaseAlgorithm, observations: dict[str, torch.Tensor], acti
 def warm_start(
     model: BaseAlgorithm, vec_env: BatchedVecEnv, configs: Sequence[EnvConfig], settings: PolicyConfig, seed: int
 ) -> dict[str, Any]:
-    """Behaviour cloning of the greedy teacher: maximise the policy's log-probability of the teacher's moves on
-    its episodes and fit the critic to their returns. Returns the `MetaTraining.warm_start` record."""
-    per_config = greedy_targets(configs)
-    targets = np.stack([per_config[i % len(configs)] for i in range(vec_env.num_envs)])
-    r_max = max(configs[0].rank_ladder)
-    observations, actions, returns = teacher_decisions(
-        vec_env, targets, r_max, settings.warm_start_episodes, settings.gamma, seed
-    )
+    """Behaviour cloning of the `settings.warm_start` teacher: maximise the policy's log-probability of the
+    teacher's moves on its episodes and fit the critic to their returns. Returns the `MetaTraining.warm_start`
+    record."""
+    act = teacher(settings.warm_start, vec_env, configs)
+    observations, actions, returns = teacher_decisions(vec_env, act, settings.warm_start_episodes, settings.gamma, seed)
     policy = model.policy
     observations_t = {key: torch.as_tensor(value) for key, value in observations.items()}
     actions_t, returns_t = torch.as_tensor(actions), torch.as_tensor(returns)
@@ -192,7 +213,7 @@ def meta_train(
     vec_env = BatchedVecEnv(train, settings.n_envs)
     validation_env = BatchedVecEnv(validation, len(validation)) if validation else None
     model = build_algorithm(algorithm, settings, vec_env, seed, tensorboard_log=tensorboard_log)
-    record = warm_start(model, vec_env, train, settings, seed) if settings.warm_start == "greedy" else None
+    record = warm_start(model, vec_env, train, settings, seed) if settings.warm_start != "none" else None
     checkpoints = ValidationCheckpoints(validation_env, settings.eval_every)
     checkpoints.evaluate(model, 0)
     model.learn(

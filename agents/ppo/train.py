@@ -24,7 +24,7 @@ from strato_env.files import write_atomic
 from strato_env.observation import OBSERVATION_VERSION
 from strato_env.validation import check_choice, check_int, check_number
 
-WARM_STARTS = ("greedy", "none")
+WARM_STARTS = ("greedy_iterative", "greedy", "none")
 POLICY_VERSION = 2
 """v2: `architecture` (attention or mean over slots), padding slots masked out of the log-probability, no
 `grow_bias`; v1 (no `policy_version` entry) had a mean over slots and a grow bias."""
@@ -54,13 +54,14 @@ class PolicyConfig:
     architecture: str = "attention"
     """How module slots see each other: 'attention' (a transformer encoder over slot tokens and a global token)
     or 'mean' (a masked mean of the slot encodings)."""
-    warm_start: str = "greedy"
-    """'greedy': behaviour cloning of greedy-by-importance before reinforcement learning (the policy starts from
-    greedy's allocations, reached one ladder step per decision, and the critic from their returns); 'none': a
-    random start."""
-    warm_start_episodes: int = 2
-    """Episodes of the greedy teacher per sub-episode that the warm start clones."""
-    warm_start_epochs: int = 200
+    warm_start: str = "greedy_iterative"
+    """Behaviour cloning of a teacher before reinforcement learning (the critic learns the teacher's returns):
+    'greedy_iterative' (the iterative greedy baseline's moves, which read only the observation: each decision
+    fills a further 1 / decisions of the budget by the importance observed then), 'greedy' (grow each module
+    toward greedy-by-importance's allocation, one ladder step per decision) or 'none' (a random start)."""
+    warm_start_episodes: int = 1
+    """Episodes of the teacher per sub-episode that the warm start clones."""
+    warm_start_epochs: int = 300
     """Passes of the warm start over the teacher's decisions."""
     eval_every: int = 4
     """Rollouts between evaluations on the validation instances (the best evaluated policy is kept)."""

@@ -7,9 +7,27 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from agents.baselines import AdaLoraResult, adalora, greedy, random_search, tpe, uniform
-from strato_env.env import RankAllocationEnv
-from strato_env.observation import IMPORTANCE, module_table
+from agents.baselines import (
+    AdaLoraResult,
+    adalora,
+    greedy,
+    greedy_iterative,
+    iterative_greedy_action,
+    random_search,
+    tpe,
+    uniform,
+)
+from strato_env.env import GROW, KEEP, RankAllocationEnv
+from strato_env.observation import (
+    BUDGET_USED,
+    DECISIONS_LEFT,
+    IMPORTANCE,
+    MODULE_FEATURES,
+    PARAMS_PER_RANK,
+    PRESENT,
+    RANK,
+    module_table,
+)
 from tests.conftest import SMALL
 
 EPISODE = SMALL["decisions"] * SMALL["inner_steps"]
@@ -128,6 +146,36 @@ def test_greedy_fills_the_budget_by_importance(env: RankAllocationEnv, counted: 
     probed = greedy(env, seed=0, probe_decisions=1, max_optimizer_steps=EPISODE)
     assert probed.optimizer_steps == env.config.inner_steps
     assert_on_ladder_within_budget(env, probed.allocation)
+
+
+def test_iterative_greedy_fills_a_share_of_the_budget_per_decision_by_importance() -> None:
+    """Decision 1 of 4 (cap: half the budget) with 0.2 of it used: the most important module's grow (rank 4 to
+    8 at 0.2 of the budget per unit: 0.8) does not fit; the next two (0.1, then 0.05) do; padding keeps."""
+    modules = np.zeros((4, MODULE_FEATURES), np.float32)
+    modules[:3, IMPORTANCE] = [0.2, 1.0, 0.6]
+    modules[:3, RANK] = [0.0, 4 / 16, 1 / 16]
+    modules[:3, PARAMS_PER_RANK] = [0.05, 0.2, 0.1]
+    modules[:3, PRESENT] = 1
+    global_ = np.zeros(4, np.float32)
+    global_[BUDGET_USED] = 0.2
+    global_[DECISIONS_LEFT] = 3 / 4
+    action = iterative_greedy_action(modules, global_, (0, 1, 2, 4, 8, 16), decisions=4)
+    assert action.tolist() == [GROW, KEEP, GROW, KEEP]
+
+
+def test_iterative_greedy_runs_one_episode_and_fills_the_budget(env: RankAllocationEnv, counted: list) -> None:
+    env.reset(seed=3)
+    before = env.get_state()["episode"].decision, env.total_optimizer_steps
+    result = greedy_iterative(env, seed=0)
+    assert result.optimizer_steps == EPISODE and env.total_optimizer_steps == before[1] + EPISODE and not counted
+    assert env.get_state()["episode"].decision == before[0]  # the env's episode is restored
+    assert_on_ladder_within_budget(env, result.allocation)
+    assert env.params_of(result.allocation) > 0.75 * env.budget
+    assert greedy_iterative(env, seed=0).allocation == result.allocation
+    with pytest.raises(
+        ValueError, match=rf"^max_optimizer_steps={EPISODE - 1} is invalid: greedy_iterative runs one episode"
+    ):
+        greedy_iterative(env, seed=0, max_optimizer_steps=EPISODE - 1)
 
 
 def test_adalora_reads_back_its_rank_masks(env: RankAllocationEnv) -> None:

@@ -25,6 +25,9 @@ TINY_RUN = [
     "ppo.batch_size=4",
     "ppo.n_epochs=1",
     "ppo.n_envs=1",
+    "ppo.warm_start_epochs=20",
+    "ppo.eval_every=1",
+    "validation_instances=[{task: {profile: bottom-heavy}}]",
 ]
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
 RUN_FILES = {
@@ -64,11 +67,17 @@ def trained_run(tmp_path_factory) -> Path:
 
 def test_train_writes_a_complete_run_folder(trained_run):
     assert is_complete(trained_run)
-    assert RUN_FILES | {"policy.zip"} <= {p.name for p in trained_run.iterdir()}
+    assert RUN_FILES | {"policy.zip", "validation.csv", "meta_training.json"} <= {p.name for p in trained_run.iterdir()}
+    with open(trained_run / "validation.csv") as file:  # after the warm start and after each of 2 rollouts
+        assert [int(row["timesteps"]) for row in csv.DictReader(file)] == [0, 4, 8]
+    meta = json.loads((trained_run / "meta_training.json").read_text())
+    assert meta["warm_start"]["decisions"] == 2 * 2 and meta["optimizer_steps"] > 8
+    report = (trained_run / "report.md").read_text()
+    assert "| gpt2-tiny/planted/bottom-heavy | validation |" in report and "Warm start: 4 greedy decisions" in report
     allocation = _check_adapter(trained_run, "gpt2-tiny")
     assert any(allocation.values())
     assert yaml.safe_load((trained_run / "config.yaml").read_text())["env"]["decisions"] == 2
-    assert "| gpt2-tiny/planted/top-heavy |" in (trained_run / "report.md").read_text()
+    assert "| gpt2-tiny/planted/top-heavy | train |" in report
 
 
 def test_apply_runs_the_policy_on_another_family(trained_run, tmp_path):
