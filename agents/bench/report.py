@@ -44,7 +44,7 @@ COLUMNS = (
 )
 MATCH_TARGET = 0.7
 """Text instances: the goal is uniform LoRA's loss at this share of its parameters, or fewer."""
-ONE_SHOT = ("uniform", "greedy", "linear_depth", "adalora")
+ONE_SHOT = ("uniform", "greedy", "greedy_iterative", "linear_depth", "adalora")
 """Methods without a search that the amortized track compares policies with."""
 RANK_PLOTS = 4
 """Rank plots are drawn for the first test instances only."""
@@ -226,7 +226,8 @@ def _amortized_track(rows: list[dict[str, Any]]) -> list[str]:
         "Policies are meta-trained once per seed on the train instances (meta steps and wall seconds, apart), then "
         "act for one episode on each test instance: steps per instance = probe + that episode, and the score is "
         "the test loss of the adapter that episode trained. One-shot methods for comparison: uniform LoRA's "
-        "episode, greedy (probe + one episode), linear-in-depth, AdaLoRA (one run).",
+        "episode, greedy (probe + one episode), iterative greedy (probe + its episode, its allocation retrained), "
+        "linear-in-depth, AdaLoRA (one run).",
         "",
         *_track_table(labels, grouped, uniform, greedy, {"meta steps": "meta_steps", "meta wall s": "meta_wall_s"}),
         "",

@@ -24,6 +24,8 @@ from strato_env.observation import PRESENT, RANK, module_table
 
 WARM_START_BATCH = 64
 """Minibatch size of the warm start's supervised updates."""
+WARM_START_LEARNING_RATE = 3e-3
+"""Adam learning rate of the warm start (its own optimizer: the learner's is left as it was)."""
 VALIDATION_SEED = 0
 """Seed of the validation episodes, the same at every evaluation so that scores compare."""
 
@@ -137,6 +139,7 @@ def warm_start(
     observations_t = {key: torch.as_tensor(value) for key, value in observations.items()}
     actions_t, returns_t = torch.as_tensor(actions), torch.as_tensor(returns)
     generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=WARM_START_LEARNING_RATE)
     policy.set_training_mode(True)
     loss = torch.tensor(math.nan)
     for _ in range(settings.warm_start_epochs):
@@ -144,10 +147,10 @@ def warm_start(
             values, log_prob, _ = policy.evaluate_actions({k: v[batch] for k, v in observations_t.items()},
                                                           actions_t[batch])  # fmt: skip
             loss = -log_prob.mean() + F.mse_loss(values.flatten(), returns_t[batch])
-            policy.optimizer.zero_grad()
+            optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(policy.parameters(), 0.5)
-            policy.optimizer.step()
+            optimizer.step()
     policy.set_training_mode(False)
     agreement = _agreement(model, observations_t, actions_t)
     return {"decisions": len(actions_t), "loss": loss.item(), "agreement": agreement}

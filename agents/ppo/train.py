@@ -44,7 +44,7 @@ class PolicyConfig:
     n_steps: int = 8
     """Env steps per sub-episode and rollout before each update (one default episode)."""
     learning_rate: float = 3e-3
-    """Adam learning rate of the policy (and of the warm start)."""
+    """Adam learning rate of reinforcement learning (the warm start has its own)."""
     gamma: float = 0.99
     """Discount factor."""
     gae_lambda: float = 0.95
