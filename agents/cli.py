@@ -21,7 +21,8 @@ def _options_help() -> str:
 
 
 def _methods_help(names: list[str]) -> str:
-    return "\n".join(f"  {name:<13} {METHODS[name].summary}" for name in names)
+    width = max(map(len, names))
+    return "\n".join(f"  {name:<{width}}  {METHODS[name].summary}" for name in names)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import zipfile
 from dataclasses import dataclass
 
@@ -56,7 +57,7 @@ def test_one_registry_entry_adds_a_method_to_the_cli_the_bench_and_validation(re
     with pytest.raises(SystemExit):
         main(["bench", "--help"])
     help_text = capsys.readouterr().out
-    assert "last_layer    every module of the last layer at one rank" in help_text
+    assert re.search(r"^  last_layer +every module of the last layer at one rank$", help_text, re.MULTILINE)
     assert "options.last_layer.rank=4" in help_text and "Rank given to every module of the last layer." in help_text
 
     with pytest.raises(ValueError, match=r"rank=0 is invalid: expected an integer >= 1"):

@@ -225,9 +225,10 @@ def test_the_learner_does_not_bootstrap_past_the_last_decision(algorithm, gpt2_e
 
 @pytest.mark.slow
 def test_training_beats_the_untrained_policy():
-    """Where every parameter costs more than it can gain (cost_weight 1), the untrained policy, leaning to grow,
-    pays for rank; a few hundred decisions of MaskablePPO learn to hold it back. Deterministic episodes over
-    five seeds, before and after; the margin is several times the spread over those seeds."""
+    """Where every parameter costs more than it can gain (cost_weight 1), the untrained policy (moves near
+    uniform) pays for the ranks it grows; a few hundred decisions of MaskablePPO learn to hold them back.
+    Deterministic episodes over five seeds, before and after; the margin is several times the spread over those
+    seeds."""
     env = RankAllocationEnv(**TINY, cost_weight=1.0)
     model = build_algorithm("maskable_ppo", PPOConfig(n_steps=24, batch_size=24, n_epochs=4), env, seed=0)
 
