@@ -159,7 +159,8 @@ def _meta_notes(meta: MetaTraining) -> list[str]:
     lines = [f"Meta-training: {meta.optimizer_steps} optimizer steps (probes, warm start and validation included)."]
     if meta.warm_start:
         lines.append(
-            f"Warm start: {meta.warm_start['decisions']} greedy decisions cloned; the policy's most likely move is "
+            f"Warm start: {meta.warm_start['decisions']} {meta.warm_start['teacher']} decisions cloned; the policy's "
+            "most likely move is "
             f"the teacher's on {meta.warm_start['agreement']:.1%} of module slots."
         )
     if meta.validation:

@@ -25,7 +25,8 @@ from strato_env.observation import PRESENT, RANK, module_table
 WARM_START_BATCH = 64
 """Minibatch size of the warm start's supervised updates."""
 WARM_START_LEARNING_RATE = 3e-3
-"""Adam learning rate of the warm start (its own optimizer: the learner's is left as it was)."""
+"""Initial Adam learning rate of the warm start, decayed linearly to 0 over its epochs so that the fit settles
+(its own optimizer: the learner's is left as it was)."""
 VALIDATION_SEED = 0
 """Seed of the validation episodes, the same at every evaluation so that scores compare."""
 
@@ -43,8 +44,8 @@ class MetaTraining:
     """One row per evaluation: `timesteps` (of reinforcement learning, 0 after the warm start) and `return` (mean
     over validation instances of the return of the policy's deterministic episode, `validation_return`)."""
     warm_start: dict[str, Any] | None = None
-    """The warm start's `decisions` cloned, its final `loss` and `agreement` (share of real module slots where
-    the policy's most likely move is the teacher's), or None without one."""
+    """The warm start's `teacher`, the `decisions` cloned, its final `loss` and `agreement` (share of real module
+    slots where the policy's most likely move is the teacher's), or None without one."""
 
 
 def greedy_targets(configs: Sequence[EnvConfig]) -> list[np.ndarray]:
@@ -142,7 +143,9 @@ def warm_start(
     optimizer = torch.optim.Adam(policy.parameters(), lr=WARM_START_LEARNING_RATE)
     policy.set_training_mode(True)
     loss = torch.tensor(math.nan)
-    for _ in range(settings.warm_start_epochs):
+    for epoch in range(settings.warm_start_epochs):
+        for group in optimizer.param_groups:
+            group["lr"] = WARM_START_LEARNING_RATE * (1 - epoch / settings.warm_start_epochs)
         for batch in torch.randperm(len(actions_t), generator=generator).split(WARM_START_BATCH):
             values, log_prob, _ = policy.evaluate_actions({k: v[batch] for k, v in observations_t.items()},
                                                           actions_t[batch])  # fmt: skip
@@ -153,7 +156,7 @@ def warm_start(
             optimizer.step()
     policy.set_training_mode(False)
     agreement = _agreement(model, observations_t, actions_t)
-    return {"decisions": len(actions_t), "loss": loss.item(), "agreement": agreement}
+    return {"teacher": settings.warm_start, "decisions": len(actions_t), "loss": loss.item(), "agreement": agreement}
 
 
 def validation_return(model: BaseAlgorithm, vec_env: BatchedVecEnv) -> float:

@@ -73,7 +73,10 @@ def test_train_writes_a_complete_run_folder(trained_run):
     meta = json.loads((trained_run / "meta_training.json").read_text())
     assert meta["warm_start"]["decisions"] == 2 * 2 and meta["optimizer_steps"] > 8
     report = (trained_run / "report.md").read_text()
-    assert "| gpt2-tiny/planted/bottom-heavy | validation |" in report and "Warm start: 4 greedy decisions" in report
+    assert (
+        "| gpt2-tiny/planted/bottom-heavy | validation |" in report
+        and "Warm start: 4 greedy_iterative decisions" in report
+    )
     allocation = _check_adapter(trained_run, "gpt2-tiny")
     assert any(allocation.values())
     assert yaml.safe_load((trained_run / "config.yaml").read_text())["env"]["decisions"] == 2
