@@ -12,7 +12,7 @@ import yaml
 from peft import PeftModel
 
 from agents.cli import main
-from agents.config import load_train_config
+from agents.config import INSTANCE_SETS, expand_instances, load_train_config
 from agents.runs import UNFINISHED, is_complete
 from strato_env.models import load_model
 
@@ -71,12 +71,10 @@ def test_train_writes_a_complete_run_folder(trained_run):
     with open(trained_run / "validation.csv") as file:  # after the warm start and after each of 2 rollouts
         assert [int(row["timesteps"]) for row in csv.DictReader(file)] == [0, 4, 8]
     meta = json.loads((trained_run / "meta_training.json").read_text())
-    assert meta["warm_start"]["decisions"] == 2 * 2 and meta["optimizer_steps"] > 8
+    assert meta["warm_start"]["decisions"] == 2 and meta["optimizer_steps"] > 8  # one teacher episode
     report = (trained_run / "report.md").read_text()
-    assert (
-        "| gpt2-tiny/planted/bottom-heavy | validation |" in report
-        and "Warm start: 4 greedy_iterative decisions" in report
-    )
+    assert "| gpt2-tiny/planted/bottom-heavy | validation |" in report
+    assert "Warm start: 2 greedy_iterative decisions" in report
     allocation = _check_adapter(trained_run, "gpt2-tiny")
     assert any(allocation.values())
     assert yaml.safe_load((trained_run / "config.yaml").read_text())["env"]["decisions"] == 2
@@ -198,6 +196,8 @@ def test_shipped_configs_validate(path):
     for key, value in written.items():  # every key the file sets reaches the resolved config unchanged
         if isinstance(value, dict) and key in ("ppo", "go_explore"):
             assert {k: resolved[key][k] for k in value} == value, key
+        elif key in INSTANCE_SETS:  # `generated` entries expand to one instance per model and seed
+            assert resolved[key] == expand_instances(value, key), key
         else:
             assert resolved[key] == value, key
     for instance in config.train_instances + config.test_instances:
