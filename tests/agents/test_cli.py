@@ -159,6 +159,7 @@ def test_a_run_interrupted_mid_training_stays_marked_unfinished_with_the_reason(
         "env.probe_steps=1",
         "ppo.n_envs=1",
         "ppo.total_timesteps=4000",
+        "ppo.warm_start_epochs=2",
     ]
     process = subprocess.Popen(
         [sys.executable, "-m", "agents.cli", "train", *overrides, f"runs_dir={tmp_path}", "name=interrupted"],

@@ -86,7 +86,8 @@ def test_one_registry_entry_adds_a_method_to_the_cli_the_bench_and_validation(re
 def test_the_agent_selects_the_learner(agent, cls, tmp_path):
     ppo_only = [] if agent == "a2c" else ["ppo.batch_size=4", "ppo.n_epochs=1"]
     overrides = [f"agent={agent}", "env.decisions=2", "env.inner_steps=1", "env.probe_steps=1",
-                 "ppo.total_timesteps=4", "ppo.n_steps=4", "ppo.n_envs=1", *ppo_only]  # fmt: skip
+                 "ppo.total_timesteps=4", "ppo.n_steps=4", "ppo.n_envs=1", "ppo.warm_start_epochs=2",
+                 *ppo_only]  # fmt: skip
     assert main(["train", *overrides, f"runs_dir={tmp_path}", "name=run"]) == 0
     policy = tmp_path / "run" / "policy.zip"
     with zipfile.ZipFile(policy) as archive:
