@@ -60,7 +60,7 @@ def greedy_targets(configs: Sequence[EnvConfig]) -> list[np.ndarray]:
     return targets
 
 
-def teacher_actions(modules: np.ndarray, targets: np.ndarray, r_max: int) -> np.ndarray:
+def teacher_actions(modules: np.ndarray, targets: np.ndarray, r_max: int | np.ndarray) -> np.ndarray:
     """The greedy teacher's moves on a batch of flat `modules` observations: grow a slot below its target rank,
     shrink one above it, keep the rest (padding slots have target 0 and rank 0, so they keep)."""
     ranks = np.rint(module_table(modules)[..., RANK] * r_max)
@@ -78,7 +78,7 @@ def teacher(name: str, vec_env: BatchedVecEnv, configs: Sequence[EnvConfig]) -> 
     if name == "greedy":
         per_config = greedy_targets(configs)
         targets = np.stack([per_config[i % len(configs)] for i in range(vec_env.num_envs)])
-        r_max = max(configs[0].rank_ladder)
+        r_max = np.array([[max(config.rank_ladder)] for config in played])  # each sub-episode's own ladder
         return lambda observation: teacher_actions(observation["modules"], targets, r_max)
 
     def iterative(observation: dict[str, np.ndarray]) -> np.ndarray:
