@@ -9,7 +9,7 @@ Each baseline's options are the fields of its options dataclass (`GreedyOptions`
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,11 +28,10 @@ from strato_env.env import GROW, KEEP, RankAllocationEnv
 from strato_env.models import fan_in_fan_out
 from strato_env.observation import (
     BUDGET_USED,
+    DECISION_SHARE,
     DECISIONS_LEFT,
+    GROW_COST,
     IMPORTANCE,
-    PARAMS_PER_RANK,
-    PRESENT,
-    RANK,
     module_table,
 )
 from strato_env.validation import check_int, check_number
@@ -337,25 +336,29 @@ def greedy(
     return SearchResult("greedy", _allocation(env, index), int(info["optimizer_steps"]))
 
 
-def iterative_greedy_action(
-    modules: np.ndarray, global_: np.ndarray, ladder: Sequence[int], decisions: int
-) -> np.ndarray:
-    """Iterative greedy's move at one decision, read from the observation alone (`modules` as `module_table`
-    rows, `global_` the global features): at decision t, grow by one ladder step each of the most important
-    modules (in order of importance, ties in slot order) whose grows fit within (t + 1) / decisions of the
-    budget; every other slot keeps."""
-    t = round((1 - float(global_[DECISIONS_LEFT])) * decisions)
-    used, cap = float(global_[BUDGET_USED]), (t + 1) / decisions + 1e-6  # fractions of the budget
-    ranks = np.rint(modules[:, RANK] * ladder[-1]).astype(int)
-    action = np.full(len(modules), KEEP, dtype=np.int64)
-    for slot in np.argsort(-modules[:, IMPORTANCE], kind="stable"):
-        if modules[slot, PRESENT] < 0.5 or ranks[slot] >= ladder[-1]:
-            continue
-        cost = (ladder[list(ladder).index(ranks[slot]) + 1] - ranks[slot]) * float(modules[slot, PARAMS_PER_RANK])
-        if used + cost <= cap:
-            used += cost
-            action[slot] = GROW
-    return action
+def iterative_greedy_grows(modules: torch.Tensor, global_: torch.Tensor) -> torch.Tensor:
+    """Which module slots iterative greedy grows at this decision, read from a batch of observations alone
+    (`modules` (batch, slots, features) as `module_table` rows, `global_` (batch, features)): at decision t of
+    T it grows by one ladder step each of the most important modules (in order of importance, ties in slot
+    order) whose grows fit within (t + 1) / T of the budget, passing over those that do not. A (batch, slots)
+    boolean tensor; the warm start's teacher and the policy's `prior` both call it."""
+    cap = 1 - global_[:, DECISIONS_LEFT] + global_[:, DECISION_SHARE] + 1e-6  # (t + 1) / T of the budget
+    used = global_[:, BUDGET_USED]
+    order = torch.argsort(-modules[..., IMPORTANCE], dim=1, stable=True)
+    costs = torch.gather(modules[..., GROW_COST], 1, order)  # 0 where a grow is not allowed, and on padding
+    grows = torch.zeros_like(costs, dtype=torch.bool)
+    for k in range(costs.shape[1]):
+        fits = (costs[:, k] > 0) & (used + costs[:, k] <= cap)
+        used = used + torch.where(fits, costs[:, k], 0.0)
+        grows[:, k] = fits
+    return torch.zeros_like(grows).scatter(1, order, grows)
+
+
+def iterative_greedy_action(modules: np.ndarray, global_: np.ndarray) -> np.ndarray:
+    """`iterative_greedy_grows` as the env's action for one observation (`modules` as `module_table` rows):
+    grow where it grows, keep everywhere else."""
+    grows = iterative_greedy_grows(torch.as_tensor(modules)[None], torch.as_tensor(global_)[None])[0]
+    return np.where(grows.numpy(), GROW, KEEP).astype(np.int64)
 
 
 def greedy_iterative(
@@ -378,7 +381,7 @@ def greedy_iterative(
         done = False
         while not done:
             modules = module_table(observation["modules"])
-            action = iterative_greedy_action(modules, observation["global"], env.ladder, env.config.decisions)
+            action = iterative_greedy_action(modules, observation["global"])
             observation, _, terminated, truncated, info = env.step(action)
             done = terminated or truncated
     return SearchResult("greedy_iterative", dict(info["allocation"]), int(info["optimizer_steps"]))

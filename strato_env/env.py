@@ -45,8 +45,8 @@ def observation_space(max_modules: int) -> spaces.Dict:
         {
             "modules": spaces.Box(0.0, 1.0, (max_modules * obs.MODULE_FEATURES,), np.float32),
             "global": spaces.Box(
-                np.array([0, 0, 0, -LOSS_RATIO_MAX], np.float32),
-                np.array([1, 1, LOSS_RATIO_MAX, 1], np.float32),
+                np.array([0, 0, 0, -LOSS_RATIO_MAX, 0], np.float32),
+                np.array([1, 1, LOSS_RATIO_MAX, 1, 1], np.float32),
                 dtype=np.float32,
             ),
         }
@@ -90,21 +90,23 @@ class RankAllocationEnv(gym.Env):
 
     ## Observation Space
 
-    `Dict(modules=Box(max_modules * 12), global=Box(4))`, scale-free so one policy fits any model.
+    `Dict(modules=Box(max_modules * 14), global=Box(5))`, scale-free so one policy fits any model.
     `modules` is flat (as SB3 prefers); `strato_env.observation.module_table(modules)` gives one row per module
     slot. Read columns by their names in `strato_env.observation` (`IMPORTANCE`, `DEPTH`, `KINDS`, `PRESENT`,
-    `BUDGET_USED`, ...), not by number:
+    `BUDGET_USED`, ...), not by number (layout v2):
 
     | column (index)         | meaning                                                   | bounds  |
     |------------------------|-----------------------------------------------------------|---------|
     | IMPORTANCE (0)         | probe gain x remaining dL/dW share, min-max scaled        | [0, 1]  |
     | RANK (1)               | rank / r_max                                              | [0, 1]  |
     | PARAMS_PER_RANK (2)    | parameters per unit of rank / B                           | [0, 1]  |
-    | DEPTH (3)              | relative depth over every stack (layer / (layers - 1))    | [0, 1]  |
-    | KINDS (4-8)            | kind one-hot: attention in, attention out, MLP in, MLP out, other | {0, 1} |
-    | ENCODER (9)            | 1 in an encoder stack (BERT; a T5 encoder), 0 in a decoder | {0, 1} |
-    | CROSS_ATTENTION (10)   | 1 for an encoder-decoder's cross-attention (T5 `EncDecAttention`) | {0, 1} |
-    | PRESENT (11)           | present flag (0 for padding slots, whose features are all 0) | {0, 1} |
+    | GROW_COST (3)          | parameters the next ladder step adds / B (0 at r_max)     | [0, 1]  |
+    | COST_AHEAD (4)         | GROW_COST summed over the more important modules, clipped | [0, 1]  |
+    | DEPTH (5)              | relative depth over every stack (layer / (layers - 1))    | [0, 1]  |
+    | KINDS (6-10)           | kind one-hot: attention in, attention out, MLP in, MLP out, other | {0, 1} |
+    | ENCODER (11)           | 1 in an encoder stack (BERT; a T5 encoder), 0 in a decoder | {0, 1} |
+    | CROSS_ATTENTION (12)   | 1 for an encoder-decoder's cross-attention (T5 `EncDecAttention`) | {0, 1} |
+    | PRESENT (13)           | present flag (0 for padding slots, whose features are all 0) | {0, 1} |
 
     An encoder-decoder's layers are numbered over both stacks, encoder first: a 2 + 2 block T5 has depths
     0, 1/3 (encoder), 2/3 and 1 (decoder). Cross-attention q, k, v and o are attention in / out modules of
@@ -116,6 +118,7 @@ class RankAllocationEnv(gym.Env):
     | DECISIONS_LEFT (1) | decisions left / decisions              | [0, 1]    |
     | LOSS_RATIO (2)     | L_t / L_0 (clipped)                     | [0, 10]   |
     | LAST_GAIN (3)      | last loss gain (L_{t-1} - L_t) / L_0    | [-10, 1]  |
+    | DECISION_SHARE (4) | 1 / decisions                           | [0, 1]    |
 
     ## Rewards
 
@@ -157,7 +160,7 @@ class RankAllocationEnv(gym.Env):
 
     This env is the one-episode case of `strato_env.episodes.EpisodeBatch`, which trains N episodes over one
     base model with one forward pass per optimizer step (`strato_env.engine`).
-    `gym.make_vec("strato_env/RankAllocation-v1", num_envs=N, vectorization_mode="vector_entry_point")` gives
+    `gym.make_vec("strato_env/RankAllocation-v2", num_envs=N, vectorization_mode="vector_entry_point")` gives
     `strato_env.vector.RankAllocationVecEnv`, whose sub-episode i matches this env driven with the same seed and
     actions (allocations exactly, losses to float summation order).
 
@@ -169,7 +172,7 @@ class RankAllocationEnv(gym.Env):
     ## Example
 
     >>> import gymnasium as gym, strato_env
-    >>> env = gym.make("strato_env/RankAllocation-v1", decisions=2, inner_steps=1)
+    >>> env = gym.make("strato_env/RankAllocation-v2", decisions=2, inner_steps=1)
     >>> observation, info = env.reset(seed=0)
     >>> observation["modules"].shape, info["params"]
     ((768,), 0)

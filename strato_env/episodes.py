@@ -433,16 +433,18 @@ class EpisodeBatch:
     def action_masks(self, i: int) -> np.ndarray:
         mask = np.zeros((self.config.max_modules, 3), dtype=bool)
         mask[:, KEEP] = True
-        ranks = self.lora.ranks[i]
-        params = self.params_of(self.ranks(i))
-        for j, m in enumerate(self.modules):
-            k = self.ladder.index(int(ranks[j]))
-            mask[j, SHRINK] = k > 0
-            if k + 1 < len(self.ladder):
-                mask[j, GROW] = (
-                    params + (self.ladder[k + 1] - self.ladder[k]) * m.params_per_rank <= self.subs[i].budget
-                )
+        n = len(self.modules)
+        mask[:n, SHRINK] = self.lora.ranks[i] > 0
+        mask[:n, GROW] = self._grow_params(i) > 0
         return mask.reshape(-1)
+
+    def _grow_params(self, i: int) -> np.ndarray:
+        """Per module: the parameters its next ladder step adds in sub-episode i, 0 where that step is not
+        allowed (at r_max, or over the budget left)."""
+        step = dict(zip(self.ladder[:-1], np.diff(self.ladder), strict=True))
+        ranks = self.lora.ranks[i]
+        grow = np.array([step.get(int(r), 0) * m.params_per_rank for m, r in zip(self.modules, ranks, strict=True)])
+        return np.where(self.params_of(self.ranks(i)) + grow <= self.subs[i].budget, grow, 0)
 
     def _module_features(self, budget: int) -> np.ndarray:
         features = np.zeros((self.config.max_modules, obs.MODULE_FEATURES), np.float32)
@@ -461,14 +463,20 @@ class EpisodeBatch:
         n = len(self.modules)
         base = sub.base_gradients
         remaining = np.divide(episode.gradients, base, out=np.zeros(n), where=base > 0)
-        modules[:n, obs.IMPORTANCE] = normalized(sub.probe_gains * remaining)
+        importance = normalized(sub.probe_gains * remaining)
+        modules[:n, obs.IMPORTANCE] = importance
         modules[:n, obs.RANK] = self.lora.ranks[i] / self.ladder[-1]
+        grow = self._grow_params(i) / sub.budget
+        modules[:n, obs.GROW_COST] = np.minimum(grow, 1.0)
+        order = np.argsort(-importance, kind="stable")  # most important first, ties in slot order
+        modules[order, obs.COST_AHEAD] = np.minimum(np.cumsum(grow[order]) - grow[order], 1.0)
         ratio = episode.loss / episode.initial_loss if episode.initial_loss > 0 else 0.0
         global_ = np.zeros(obs.GLOBAL_FEATURES, np.float32)
         global_[obs.BUDGET_USED] = min(self.params_of(self.ranks(i)) / sub.budget, 1.0)
         global_[obs.DECISIONS_LEFT] = 1 - episode.decision / self.config.decisions
         global_[obs.LOSS_RATIO] = min(ratio, LOSS_RATIO_MAX)
         global_[obs.LAST_GAIN] = np.clip(episode.last_gain, -LOSS_RATIO_MAX, 1.0)
+        global_[obs.DECISION_SHARE] = 1 / self.config.decisions
         return {"modules": modules.reshape(-1), "global": global_}
 
     def info(self, i: int) -> dict[str, Any]:

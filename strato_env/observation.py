@@ -11,31 +11,36 @@ from typing import Any, TypeVar
 
 from strato_env.models import MODULE_KINDS
 
-OBSERVATION_VERSION = 1
-"""v1 added the ENCODER and CROSS_ATTENTION columns (encoder-decoder models); v0 had neither."""
+OBSERVATION_VERSION = 2
+"""v2 added GROW_COST and COST_AHEAD (what growing costs, in the order of importance) and DECISION_SHARE; v1
+added ENCODER and CROSS_ATTENTION (encoder-decoder models); v0 had neither."""
 
 MODULE_COLUMNS = (
     "importance",
     "rank",
     "params_per_rank",
+    "grow_cost",
+    "cost_ahead",
     "depth",
     *(f"kind_{k}" for k in MODULE_KINDS),
     "encoder",
     "cross_attention",
     "present",
 )
-"""Per module slot: importance in [0, 1]; rank / r_max; parameters per unit of rank / B; relative depth over
-every stack; the kind one-hot; 1 in an encoder stack; 1 for an encoder-decoder's cross-attention; the present
-flag (0 for padding slots, whose features are all 0)."""
-IMPORTANCE, RANK, PARAMS_PER_RANK, DEPTH = range(4)
-KINDS = slice(4, 4 + len(MODULE_KINDS))
+"""Per module slot: importance in [0, 1]; rank / r_max; parameters per unit of rank / B; the parameters its
+next ladder step adds / B (0 at r_max); the sum of that over the more important modules (ties: lower slots
+first), clipped to 1; relative depth over every stack; the kind one-hot; 1 in an encoder stack; 1 for an
+encoder-decoder's cross-attention; the present flag (0 for padding slots, whose features are all 0)."""
+IMPORTANCE, RANK, PARAMS_PER_RANK, GROW_COST, COST_AHEAD, DEPTH = range(6)
+KINDS = slice(6, 6 + len(MODULE_KINDS))
 """The kind one-hot columns, in the order of `strato_env.models.MODULE_KINDS`."""
 ENCODER, CROSS_ATTENTION, PRESENT = range(KINDS.stop, KINDS.stop + 3)
 MODULE_FEATURES = len(MODULE_COLUMNS)
 
-GLOBAL_COLUMNS = ("budget_used", "decisions_left", "loss_ratio", "last_gain")
-"""P_t / B; decisions left / decisions; L_t / L_0 (clipped); last loss gain (L_{t-1} - L_t) / L_0 (clipped)."""
-BUDGET_USED, DECISIONS_LEFT, LOSS_RATIO, LAST_GAIN = range(4)
+GLOBAL_COLUMNS = ("budget_used", "decisions_left", "loss_ratio", "last_gain", "decision_share")
+"""P_t / B; decisions left / decisions; L_t / L_0 (clipped); last loss gain (L_{t-1} - L_t) / L_0 (clipped);
+1 / decisions (one decision's share of the episode)."""
+BUDGET_USED, DECISIONS_LEFT, LOSS_RATIO, LAST_GAIN, DECISION_SHARE = range(5)
 GLOBAL_FEATURES = len(GLOBAL_COLUMNS)
 
 Array = TypeVar("Array")

@@ -45,7 +45,9 @@ class MetaTraining:
     over validation instances of the return of the policy's deterministic episode, `validation_return`)."""
     warm_start: dict[str, Any] | None = None
     """The warm start's `teacher`, the `decisions` cloned, its final `loss` and `agreement` (share of real module
-    slots where the policy's most likely move is the teacher's), or None without one."""
+    slots where the policy's most likely move is the teacher's), its DAgger `rounds` and, per round, the
+    `agreement_on_own_states` before that round's cloning (on the states the policy's own episodes visited);
+    None without a warm start."""
 
 
 def greedy_targets(configs: Sequence[EnvConfig]) -> list[np.ndarray]:
@@ -82,20 +84,17 @@ def teacher(name: str, vec_env: BatchedVecEnv, configs: Sequence[EnvConfig]) -> 
         return lambda observation: teacher_actions(observation["modules"], targets, r_max)
 
     def iterative(observation: dict[str, np.ndarray]) -> np.ndarray:
-        tables = module_table(observation["modules"])
-        return np.stack([
-            baselines.iterative_greedy_action(table, global_, config.rank_ladder, config.decisions)
-            for table, global_, config in zip(tables, observation["global"], played, strict=True)
-        ])  # fmt: skip
+        modules, global_ = torch.as_tensor(module_table(observation["modules"])), torch.as_tensor(observation["global"])
+        return np.where(baselines.iterative_greedy_grows(modules, global_).numpy(), GROW, KEEP).astype(np.int64)
 
     return iterative
 
 
 def teacher_decisions(
-    vec_env: BatchedVecEnv, act: Teacher, episodes: int, gamma: float, seed: int
+    vec_env: BatchedVecEnv, act: Teacher, episodes: int, gamma: float, seed: int, label: Teacher | None = None
 ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-    """(observations, teacher actions, discounted returns) of `episodes` whole teacher episodes per sub-episode
-    of `vec_env`."""
+    """(observations, teacher actions, discounted returns) of `episodes` whole episodes per sub-episode of
+    `vec_env` played by `act`; with `label`, the actions recorded are label's on the states `act` visits."""
     vec_env.seed(seed)
     observation = vec_env.reset()
     pending: list[list[tuple[dict[str, np.ndarray], np.ndarray, float]]] = [[] for _ in range(vec_env.num_envs)]
@@ -103,9 +102,10 @@ def teacher_decisions(
     kept: list[tuple[dict[str, np.ndarray], np.ndarray, float]] = []
     while (done_episodes < episodes).any():
         actions = act(observation)
+        labels = actions if label is None else label(observation)
         next_observation, rewards, dones, _ = vec_env.step(actions)
         for i in range(vec_env.num_envs):
-            pending[i].append(({k: v[i] for k, v in observation.items()}, actions[i], float(rewards[i])))
+            pending[i].append(({k: v[i] for k, v in observation.items()}, labels[i], float(rewards[i])))
             if dones[i]:
                 if done_episodes[i] < episodes:
                     future = 0.0
@@ -119,6 +119,16 @@ def teacher_decisions(
     return observations, np.stack([a for _, a, _ in kept]), np.array([r for _, _, r in kept], np.float32)
 
 
+def policy_actions(model: BaseAlgorithm, vec_env: BatchedVecEnv) -> Teacher:
+    """The policy's deterministic moves on `vec_env` (masked for MaskablePPO)."""
+
+    def act(observation: dict[str, np.ndarray]) -> np.ndarray:
+        masks = {"action_masks": np.stack(vec_env.env_method("action_masks"))} if isinstance(model, MaskablePPO) else {}
+        return model.predict(observation, deterministic=True, **masks)[0]
+
+    return act
+
+
 def _agreement(model: BaseAlgorithm, observations: dict[str, torch.Tensor], actions: torch.Tensor) -> float:
     policy = model.policy
     with torch.no_grad():
@@ -128,35 +138,64 @@ def _agreement(model: BaseAlgorithm, observations: dict[str, torch.Tensor], acti
     return float((predicted == actions)[present].float().mean())
 
 
-def warm_start(
-    model: BaseAlgorithm, vec_env: BatchedVecEnv, configs: Sequence[EnvConfig], settings: PolicyConfig, seed: int
-) -> dict[str, Any]:
-    """Behaviour cloning of the `settings.warm_start` teacher: maximise the policy's log-probability of the
-    teacher's moves on its episodes and fit the critic to their returns. Returns the `MetaTraining.warm_start`
-    record."""
-    act = teacher(settings.warm_start, vec_env, configs)
-    observations, actions, returns = teacher_decisions(vec_env, act, settings.warm_start_episodes, settings.gamma, seed)
+def _clone(model: BaseAlgorithm, data: tuple[dict[str, np.ndarray], np.ndarray, np.ndarray], epochs: int,
+           generator: torch.Generator) -> float:  # fmt: skip
+    """`epochs` passes of supervised updates (the moves' log-probability and the critic's fit to the returns)
+    with a fresh Adam whose learning rate decays linearly to 0; returns the last minibatch's loss."""
     policy = model.policy
-    observations_t = {key: torch.as_tensor(value) for key, value in observations.items()}
-    actions_t, returns_t = torch.as_tensor(actions), torch.as_tensor(returns)
-    generator = torch.Generator().manual_seed(seed)
+    observations = {key: torch.as_tensor(value) for key, value in data[0].items()}
+    actions, returns = torch.as_tensor(data[1]), torch.as_tensor(data[2])
     optimizer = torch.optim.Adam(policy.parameters(), lr=WARM_START_LEARNING_RATE)
     policy.set_training_mode(True)
     loss = torch.tensor(math.nan)
-    for epoch in range(settings.warm_start_epochs):
+    for epoch in range(epochs):
         for group in optimizer.param_groups:
-            group["lr"] = WARM_START_LEARNING_RATE * (1 - epoch / settings.warm_start_epochs)
-        for batch in torch.randperm(len(actions_t), generator=generator).split(WARM_START_BATCH):
-            values, log_prob, _ = policy.evaluate_actions({k: v[batch] for k, v in observations_t.items()},
-                                                          actions_t[batch])  # fmt: skip
-            loss = -log_prob.mean() + F.mse_loss(values.flatten(), returns_t[batch])
+            group["lr"] = WARM_START_LEARNING_RATE * (1 - epoch / epochs)
+        for batch in torch.randperm(len(actions), generator=generator).split(WARM_START_BATCH):
+            values, log_prob, _ = policy.evaluate_actions({k: v[batch] for k, v in observations.items()},
+                                                          actions[batch])  # fmt: skip
+            loss = -log_prob.mean() + F.mse_loss(values.flatten(), returns[batch])
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(policy.parameters(), 0.5)
             optimizer.step()
     policy.set_training_mode(False)
-    agreement = _agreement(model, observations_t, actions_t)
-    return {"teacher": settings.warm_start, "decisions": len(actions_t), "loss": loss.item(), "agreement": agreement}
+    return loss.item()
+
+
+def warm_start(
+    model: BaseAlgorithm, vec_env: BatchedVecEnv, configs: Sequence[EnvConfig], settings: PolicyConfig, seed: int
+) -> dict[str, Any]:
+    """Behaviour cloning of the `settings.warm_start` teacher: maximise the policy's log-probability of the
+    teacher's moves on its episodes and fit the critic to their returns; then `settings.warm_start_rounds`
+    rounds of DAgger (the policy plays, the teacher labels, the policy is cloned again on all decisions so far).
+    Returns the `MetaTraining.warm_start` record."""
+    teach = teacher(settings.warm_start, vec_env, configs)
+    episodes, gamma = settings.warm_start_episodes, settings.gamma
+    data = teacher_decisions(vec_env, teach, episodes, gamma, seed)
+    generator = torch.Generator().manual_seed(seed)
+    loss = _clone(model, data, settings.warm_start_epochs, generator)
+    first, own_agreement = len(data[1]), []
+    for round_ in range(1, settings.warm_start_rounds + 1):
+        visited = teacher_decisions(vec_env, policy_actions(model, vec_env), episodes, gamma, seed + round_, teach)
+        tensors = {key: torch.as_tensor(value) for key, value in visited[0].items()}
+        own_agreement.append(_agreement(model, tensors, torch.as_tensor(visited[1])))
+        data = (
+            {key: np.concatenate([data[0][key], visited[0][key]]) for key in data[0]},
+            np.concatenate([data[1], visited[1]]),
+            np.concatenate([data[2], visited[2]]),
+        )
+        # as many updates as the first cloning: fewer passes over more decisions
+        loss = _clone(model, data, max(1, round(settings.warm_start_epochs * first / len(data[1]))), generator)
+    tensors = {key: torch.as_tensor(value) for key, value in data[0].items()}
+    return {
+        "teacher": settings.warm_start,
+        "decisions": len(data[1]),
+        "loss": loss,
+        "agreement": _agreement(model, tensors, torch.as_tensor(data[1])),
+        "rounds": settings.warm_start_rounds,
+        "agreement_on_own_states": own_agreement,
+    }
 
 
 def validation_return(model: BaseAlgorithm, vec_env: BatchedVecEnv) -> float:
@@ -166,17 +205,17 @@ def validation_return(model: BaseAlgorithm, vec_env: BatchedVecEnv) -> float:
     observation = vec_env.reset()
     returns = np.zeros(vec_env.num_envs)
     finished = np.zeros(vec_env.num_envs, dtype=bool)
+    act = policy_actions(model, vec_env)
     while not finished.all():
-        masks = {"action_masks": np.stack(vec_env.env_method("action_masks"))} if isinstance(model, MaskablePPO) else {}
-        actions, _ = model.predict(observation, deterministic=True, **masks)
-        observation, rewards, dones, _ = vec_env.step(actions)
+        observation, rewards, dones, _ = vec_env.step(act(observation))
         returns += np.where(finished, 0.0, rewards)
         finished |= dones
     return float(returns.mean())
 
 
 class ValidationCheckpoints(BaseCallback):
-    """Scores the policy on the validation instances every `every` rollouts and keeps the best one's bytes."""
+    """Scores the policy on the validation instances after every `every` updates (and at the end, by `evaluate`)
+    and keeps the best one's bytes."""
 
     def __init__(self, vec_env: BatchedVecEnv | None, every: int) -> None:
         super().__init__()
@@ -193,10 +232,11 @@ class ValidationCheckpoints(BaseCallback):
             self.best = policy_bytes(model)
         self.rows.append({"timesteps": timesteps, "return": score})
 
-    def _on_rollout_end(self) -> None:
-        self.rollouts += 1
-        if self.rollouts % self.every == 0:
+    def _on_rollout_start(self) -> None:
+        # every rollout but the first follows an update: score the policy that update left
+        if self.rollouts and self.rollouts % self.every == 0:
             self.evaluate(self.model, self.num_timesteps)
+        self.rollouts += 1
 
     def _on_step(self) -> bool:
         return True

@@ -5,8 +5,11 @@ Each module slot is encoded by the same MLP. The slots then see each other in on
 global features), padding slots masked out of attention; or `mean`, a masked mean of the slot encodings. A
 context vector (the global token, or the mean with the global features) gives the value; every slot's action
 logits come from the same head applied to [slot, context]. Padding slots can only keep: their shrink and grow
-logits are masked, so they add nothing to the log-probability or the entropy. Plugged into SB3 through a
-policy subclass (for PPO, A2C, TRPO and sb3-contrib's MaskablePPO), not a fork of the algorithm.
+logits are masked, so they add nothing to the log-probability or the entropy. With `prior='greedy_iterative'`
+every slot also reads whether iterative greedy would grow it now (computed from the observation, as
+`agents.baselines.iterative_greedy_grows`), so the policy can learn where to depart from that rule (a residual
+on a heuristic) instead of relearning it. Plugged into SB3 through a policy subclass (for PPO, A2C, TRPO and
+sb3-contrib's MaskablePPO), not a fork of the algorithm.
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from agents.baselines import iterative_greedy_grows
 from strato_env.observation import GLOBAL_FEATURES, MODULE_FEATURES, PRESENT, module_table, slots_of
 
 ARCHITECTURES = ("attention", "mean")
+PRIORS = ("greedy_iterative", "none")
 HEADS = 4
 """Attention heads of the `attention` architecture (`hidden` must be a multiple)."""
 LAYERS = 2
@@ -47,12 +52,14 @@ class SlotNetwork(nn.Module):
     reads to mask padding); the critic latent is the context.
     """
 
-    def __init__(self, hidden: int = 64, architecture: str = "attention") -> None:
+    def __init__(self, hidden: int = 64, architecture: str = "attention", prior: str = "none") -> None:
         super().__init__()
         self.hidden = hidden
         self.architecture = architecture
+        self.prior = prior
+        extra = int(prior != "none")  # the prior's move, read by the encoder and the head
         self.encoder = nn.Sequential(
-            nn.Linear(MODULE_FEATURES, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh()
+            nn.Linear(MODULE_FEATURES + extra, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh()
         )
         if architecture == "attention":
             self.global_token = nn.Sequential(nn.Linear(GLOBAL_FEATURES, hidden), nn.Tanh())
@@ -61,15 +68,18 @@ class SlotNetwork(nn.Module):
             )
             self.mixer = nn.TransformerEncoder(layer, LAYERS, enable_nested_tensor=False)
         self.context = nn.Sequential(nn.Linear(hidden + GLOBAL_FEATURES, hidden), nn.Tanh())
-        self.slot_head = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.Tanh())
+        self.slot_head = nn.Sequential(nn.Linear(2 * hidden + extra, hidden), nn.Tanh())
         self.latent_dim_vf = hidden
         self.latent_dim_pi = 0  # set per observation width by `SlotPolicyMixin`; the head works per slot
 
     def _encode(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(slot encodings, context, present flags) of a batch of [global, modules] features."""
+        """(slot encodings, context, present flags) of a batch of [global, modules] features; with a prior, each
+        slot's encoding ends with the prior's move (1: grow)."""
         global_ = features[:, :GLOBAL_FEATURES]
         slots = module_table(features[:, GLOBAL_FEATURES:])
         present = slots[..., PRESENT]
+        if self.prior != "none":
+            slots = torch.cat([slots, iterative_greedy_grows(slots, global_)[..., None].to(slots)], dim=2)
         encoded = self.encoder(slots)
         if self.architecture == "attention":
             tokens = torch.cat([self.global_token(global_)[:, None], encoded], dim=1)
@@ -80,6 +90,8 @@ class SlotNetwork(nn.Module):
         else:
             weights = present[..., None]
             pooled = (encoded * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        if self.prior != "none":
+            encoded = torch.cat([encoded, slots[..., -1:]], dim=2)
         return encoded, self.context(torch.cat([pooled, global_], dim=1)), present
 
     def forward_actor(self, features: torch.Tensor) -> torch.Tensor:
@@ -116,14 +128,15 @@ class SlotActionHead(nn.Module):
 class SlotPolicyMixin:
     """Builds the slot network and the per-slot action head in place of SB3's MLPs."""
 
-    def __init__(self, *args, hidden: int = 64, architecture: str = "attention", **kwargs) -> None:
+    def __init__(self, *args, hidden: int = 64, architecture: str = "attention", prior: str = "none", **kwargs) -> None:
         self.hidden = hidden
         self.architecture = architecture
+        self.prior = prior
         kwargs.setdefault("features_extractor_class", SlotFeatures)
         super().__init__(*args, **kwargs)
 
     def _build_mlp_extractor(self) -> None:
-        self.mlp_extractor = SlotNetwork(self.hidden, self.architecture)
+        self.mlp_extractor = SlotNetwork(self.hidden, self.architecture, self.prior)
         self.mlp_extractor.latent_dim_pi = slots_of(self.observation_space) * (self.hidden + 1)
 
     def _build(self, lr_schedule) -> None:
@@ -133,7 +146,8 @@ class SlotPolicyMixin:
         self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
 
     def _get_constructor_parameters(self) -> dict:
-        return {**super()._get_constructor_parameters(), "hidden": self.hidden, "architecture": self.architecture}
+        own = {"hidden": self.hidden, "architecture": self.architecture, "prior": self.prior}
+        return {**super()._get_constructor_parameters(), **own}
 
 
 class SlotPolicy(SlotPolicyMixin, ActorCriticPolicy):

@@ -19,15 +19,16 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.vec_env import VecEnv
 
-from agents.ppo.policy import ARCHITECTURES, HEADS, MaskableSlotPolicy, SlotPolicy
+from agents.ppo.policy import ARCHITECTURES, HEADS, PRIORS, MaskableSlotPolicy, SlotPolicy
 from strato_env.files import write_atomic
 from strato_env.observation import OBSERVATION_VERSION
 from strato_env.validation import check_choice, check_int, check_number
 
 WARM_STARTS = ("greedy_iterative", "greedy", "none")
-POLICY_VERSION = 2
-"""v2: `architecture` (attention or mean over slots), padding slots masked out of the log-probability, no
-`grow_bias`; v1 (no `policy_version` entry) had a mean over slots and a grow bias."""
+POLICY_VERSION = 3
+"""v3: an optional `prior` input (iterative greedy's move per slot); v2: `architecture` (attention or mean over
+slots), padding slots masked out of the log-probability, no `grow_bias`; v1 (no `policy_version` entry) had a
+mean over slots and a grow bias."""
 
 
 @dataclass
@@ -55,6 +56,10 @@ class PolicyConfig:
     architecture: str = "attention"
     """How module slots see each other: 'attention' (a transformer encoder over slot tokens and a global token)
     or 'mean' (a masked mean of the slot encodings)."""
+    prior: str = "greedy_iterative"
+    """A heuristic every slot reads as an input: 'greedy_iterative' (whether iterative greedy would grow the
+    module now, computed from the observation), so the policy learns where to depart from that rule instead of
+    relearning it; 'none'."""
     warm_start: str = "greedy_iterative"
     """Behaviour cloning of a teacher before reinforcement learning (the critic learns the teacher's returns):
     'greedy_iterative' (the iterative greedy baseline's moves, which read only the observation: each decision
@@ -63,7 +68,12 @@ class PolicyConfig:
     warm_start_episodes: int = 1
     """Episodes of the teacher per sub-episode that the warm start clones."""
     warm_start_epochs: int = 300
-    """Passes of the warm start over the teacher's decisions."""
+    """Passes of the warm start over the teacher's decisions (each DAgger round makes as many updates, in fewer
+    passes over more decisions)."""
+    warm_start_rounds: int = 0
+    """DAgger rounds after the first cloning: the policy plays `warm_start_episodes` episodes per sub-episode,
+    the teacher labels the states it visited, and the policy is cloned again on every decision so far, so it
+    learns the teacher's move where its own mistakes lead (0: clone the teacher's own episodes only)."""
     eval_every: int = 4
     """Rollouts between evaluations on the validation instances (the best evaluated policy is kept)."""
 
@@ -71,9 +81,11 @@ class PolicyConfig:
         for name in ("total_timesteps", "n_envs", "n_steps", "hidden", "warm_start_episodes", "eval_every"):
             check_int(name, getattr(self, name), 1)
         check_int("warm_start_epochs", self.warm_start_epochs, 0)
+        check_int("warm_start_rounds", self.warm_start_rounds, 0)
         for name in ("learning_rate", "gamma", "gae_lambda"):
             check_number(name, getattr(self, name), 0, 1, low_open=True)
         check_choice("architecture", self.architecture, ARCHITECTURES)
+        check_choice("prior", self.prior, PRIORS)
         check_choice("warm_start", self.warm_start, WARM_STARTS)
         if self.architecture == "attention" and self.hidden % HEADS:
             raise ValueError(
@@ -220,7 +232,7 @@ def build_algorithm(
         verbose=0,
         tensorboard_log=tensorboard_log,
         device="cpu",
-        policy_kwargs={"hidden": config.hidden, "architecture": config.architecture},
+        policy_kwargs={"hidden": config.hidden, "architecture": config.architecture, "prior": config.prior},
     )
 
 

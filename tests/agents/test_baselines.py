@@ -20,12 +20,13 @@ from agents.baselines import (
 from strato_env.env import GROW, KEEP, RankAllocationEnv
 from strato_env.observation import (
     BUDGET_USED,
+    DECISION_SHARE,
     DECISIONS_LEFT,
+    GLOBAL_FEATURES,
+    GROW_COST,
     IMPORTANCE,
     MODULE_FEATURES,
-    PARAMS_PER_RANK,
     PRESENT,
-    RANK,
     module_table,
 )
 from tests.conftest import SMALL
@@ -149,18 +150,19 @@ def test_greedy_fills_the_budget_by_importance(env: RankAllocationEnv, counted: 
 
 
 def test_iterative_greedy_fills_a_share_of_the_budget_per_decision_by_importance() -> None:
-    """Decision 1 of 4 (cap: half the budget) with 0.2 of it used: the most important module's grow (rank 4 to
-    8 at 0.2 of the budget per unit: 0.8) does not fit; the next two (0.1, then 0.05) do; padding keeps."""
-    modules = np.zeros((4, MODULE_FEATURES), np.float32)
-    modules[:3, IMPORTANCE] = [0.2, 1.0, 0.6]
-    modules[:3, RANK] = [0.0, 4 / 16, 1 / 16]
-    modules[:3, PARAMS_PER_RANK] = [0.05, 0.2, 0.1]
-    modules[:3, PRESENT] = 1
-    global_ = np.zeros(4, np.float32)
+    """Decision 1 of 4 (cap: half the budget) with 0.2 of it used: the most important module's grow (0.4 of
+    the budget) does not fit; the next two (0.1, then 0.05) do; a module at r_max (grow cost 0) and padding
+    keep."""
+    modules = np.zeros((5, MODULE_FEATURES), np.float32)
+    modules[:4, IMPORTANCE] = [0.2, 1.0, 0.6, 0.9]
+    modules[:4, GROW_COST] = [0.05, 0.4, 0.1, 0.0]
+    modules[:4, PRESENT] = 1
+    global_ = np.zeros(GLOBAL_FEATURES, np.float32)
     global_[BUDGET_USED] = 0.2
     global_[DECISIONS_LEFT] = 3 / 4
-    action = iterative_greedy_action(modules, global_, (0, 1, 2, 4, 8, 16), decisions=4)
-    assert action.tolist() == [GROW, KEEP, GROW, KEEP]
+    global_[DECISION_SHARE] = 1 / 4
+    action = iterative_greedy_action(modules, global_)
+    assert action.tolist() == [GROW, KEEP, GROW, KEEP, KEEP]
 
 
 def test_iterative_greedy_runs_one_episode_and_fills_the_budget(env: RankAllocationEnv, counted: list) -> None:

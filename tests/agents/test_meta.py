@@ -10,6 +10,7 @@ from agents.ppo.train import PPOConfig
 from agents.ppo.vec_env import BatchedVecEnv
 from strato_env.config import EnvConfig, from_dict
 from strato_env.env import GROW, KEEP, SHRINK, RankAllocationEnv
+from strato_env.observation import MODULE_FEATURES, RANK
 
 PROTOCOL = {"decisions": 3, "inner_steps": 2, "probe_steps": 2, "rank_ladder": [0, 4, 8, 16]}
 TASK = {"name": "planted", "profile": "generated", "train_examples": 64, "eval_examples": 16, "test_examples": 16}
@@ -24,8 +25,9 @@ VALIDATION = [instance("gpt2-tiny", 20)]
 
 
 def test_the_teacher_moves_each_slot_toward_greedys_rank():
-    modules = np.zeros((1, 3 * 12), np.float32)
-    modules[0, [1, 13, 25]] = [0.0, 0.25, 1.0]  # RANK column of three slots: ranks 0, 4 and 16 of r_max 16
+    modules = np.zeros((1, 3, MODULE_FEATURES), np.float32)
+    modules[0, :, RANK] = [0.0, 0.25, 1.0]  # three slots at ranks 0, 4 and 16 of r_max 16
+    modules = modules.reshape(1, -1)
     targets = np.array([[16, 4, 4]])
     assert teacher_actions(modules, targets, 16).tolist() == [[GROW, KEEP, SHRINK]]
 
@@ -58,10 +60,11 @@ def test_meta_training_learns_keeps_its_best_validation_policy_and_counts_every_
     costly = [dataclasses.replace(c, cost_weight=1.0) for c in TRAIN + VALIDATION]
     settings = PPOConfig(n_envs=4, total_timesteps=96, n_steps=6, batch_size=24, n_epochs=4, eval_every=2,
                          learning_rate=3e-3, ent_coef=0.01, warm_start="none")  # fmt: skip
-    meta = meta_train("maskable_ppo", settings, costly[:2], costly[2:], seed=0)
+    meta = meta_train("maskable_ppo", settings, costly[:2], costly[2:], seed=1)
     # evaluated before learning, after every second rollout of 24 decisions, and after the last update
     assert [row["timesteps"] for row in meta.validation] == [0, 48, 96]
     scores = [row["return"] for row in meta.validation]
+    assert scores[0] < -1  # the untrained policy of this seed grows ranks and pays for them
     rescored = validation_return(meta.model, BatchedVecEnv(costly[2:], 1))
     assert rescored == pytest.approx(max(scores), rel=1e-6)
     assert rescored > scores[0] + 0.5, scores  # better than before meta-training

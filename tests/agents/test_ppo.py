@@ -86,10 +86,10 @@ def test_a_gpt2_policy_runs_unchanged_on_llama_and_bert(gpt2_env):
     for name, modules in (("llama-tiny", 28), ("bert-tiny", 24)):
         env = RankAllocationEnv(model=name, **TINY)
         assert len(env.modules) == modules != len(gpt2_env.modules)
-        episode = run_policy_episode(model, env, seed=0)
+        episode = run_policy_episode(model, env, seed=0, deterministic=False)
         assert len(episode["actions"]) == TINY["decisions"]
         assert episode["params"] <= env.budget and set(episode["allocation"]) == {m.name for m in env.modules}
-        # the shared head acts on every real slot and only keeps on padding
+        # sampled moves: the shared head acts on real slots and only keeps on padding
         assert all(a == 1 for step in episode["actions"] for a in step[modules:])
         assert any(a in (SHRINK, GROW) for step in episode["actions"] for a in step[:modules])
 
@@ -226,22 +226,23 @@ def test_the_learner_does_not_bootstrap_past_the_last_decision(algorithm, gpt2_e
 
 @pytest.mark.slow
 def test_training_beats_the_untrained_policy():
-    """Where every parameter costs more than it can gain (cost_weight 1), the untrained policy (moves near
-    uniform) pays for the ranks it grows; a few hundred decisions of MaskablePPO learn to hold them back.
-    Deterministic episodes over five seeds, before and after; the margin is several times the spread over those
-    seeds."""
+    """Where every parameter costs more than it can gain (cost_weight 1), the untrained policy (of this seed)
+    pays for the ranks it grows; a few hundred decisions of MaskablePPO learn to hold them back. Deterministic
+    episodes over five seeds, before and after: learning wins back at least 80% of what the untrained policy
+    paid, by several times the spread over those seeds."""
     env = RankAllocationEnv(**TINY, cost_weight=1.0)
     settings = PPOConfig(n_steps=24, batch_size=24, n_epochs=4, learning_rate=3e-3, ent_coef=0.01)
-    model = build_algorithm("maskable_ppo", settings, env, seed=0)
+    model = build_algorithm("maskable_ppo", settings, env, seed=1)
 
     def returns() -> np.ndarray:
         return np.array([run_policy_episode(model, env, seed=s)["return"] for s in range(5)])
 
     untrained = returns()
+    assert untrained.mean() < -0.3  # it grows, and pays
     model.learn(288)
     trained = returns()
     margin = trained.mean() - untrained.mean()
-    assert margin > 0.5 and margin > 4 * max(untrained.std(), trained.std()), (untrained, trained)
+    assert margin > 0.8 * -untrained.mean() and margin > 4 * max(untrained.std(), trained.std()), (untrained, trained)
 
 
 def test_a_policy_saved_under_another_observation_layout_is_refused(gpt2_env, tmp_path):
@@ -253,12 +254,12 @@ def test_a_policy_saved_under_another_observation_layout_is_refused(gpt2_env, tm
             data = source.read(item)
             target.writestr(item, json.dumps({"algorithm": "maskable_ppo"}) if item == "strato.json" else data)
     (tmp_path / "v0.zip").write_bytes(old.getvalue())  # written before the layout had a version: v0
-    with pytest.raises(ValueError, match=r"v0.zip was trained on observation layout v0; this strato_env writes v1"):
+    with pytest.raises(ValueError, match=r"v0.zip was trained on observation layout v0; this strato_env writes v2"):
         load_policy(tmp_path / "v0.zip")
     old = io.BytesIO()
     with zipfile.ZipFile(io.BytesIO(policy_bytes(model))) as source, zipfile.ZipFile(old, "w") as target:
         for item in source.namelist():
-            meta = {"algorithm": "maskable_ppo", "observation_version": 1}  # written before policies had a version
+            meta = {"algorithm": "maskable_ppo", "observation_version": 2}  # written before policies had a version
             target.writestr(item, json.dumps(meta) if item == "strato.json" else source.read(item))
-    with pytest.raises(ValueError, match=r"^the policy bytes holds a v1 slot policy; this strato builds v2"):
+    with pytest.raises(ValueError, match=r"^the policy bytes holds a v1 slot policy; this strato builds v3"):
         load_policy(old.getvalue())

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from strato_env.env import KEEP, RankAllocationEnv
-from strato_env.observation import IMPORTANCE, module_table
+from strato_env.observation import COST_AHEAD, GROW_COST, IMPORTANCE, module_table
 
 
 def test_each_reward_is_the_loss_gain_minus_the_parameter_cost():
@@ -53,3 +53,26 @@ def test_the_probe_rates_planted_modules_above_unplanted_ones(profile):
     pairs = [(a, b) for a in importance[planted] for b in importance[~planted]]
     auc = np.mean([1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs])
     assert auc >= 0.75, auc
+
+
+def test_grow_cost_and_cost_ahead_price_each_modules_next_ladder_step_in_the_order_of_importance():
+    env = RankAllocationEnv(decisions=2, inner_steps=1, probe_steps=1, max_modules=20)
+    ladder, modules = env.ladder, env.modules
+    allocation = {m.name: ladder[j % len(ladder)] for j, m in enumerate(modules)}  # every rung, r_max included
+    allocation = {name: r for name, r in allocation.items() if env.params_of({name: r}) <= env.budget / 4}
+    observation, _ = env.reset(seed=0, options={"allocation": allocation})
+    table = module_table(observation["modules"])
+    n = len(modules)
+    expected = np.array([
+        (ladder[ladder.index(allocation.get(m.name, 0)) + 1] - allocation.get(m.name, 0)) * m.params_per_rank
+        if allocation.get(m.name, 0) < ladder[-1] else 0
+        for m in modules
+    ]) / env.budget  # fmt: skip
+    assert (expected == 0).sum() >= 1 and (expected > 0).sum() >= 10
+    np.testing.assert_allclose(table[:n, GROW_COST], np.minimum(expected, 1), rtol=1e-6)
+    importance = table[:n, IMPORTANCE]
+    for j in range(n):
+        ahead = [k for k in range(n) if importance[k] > importance[j] or (importance[k] == importance[j] and k < j)]
+        assert table[j, COST_AHEAD] == pytest.approx(min(expected[ahead].sum(), 1.0), rel=1e-5, abs=1e-7)
+    assert not table[n:].any()  # padding slots stay all zero
+    assert np.all(table[:n, COST_AHEAD] <= 1) and table[:n, COST_AHEAD].max() > 0
