@@ -75,7 +75,7 @@ class PolicyConfig:
     the teacher labels the states it visited, and the policy is cloned again on every decision so far, so it
     learns the teacher's move where its own mistakes lead (0: clone the teacher's own episodes only)."""
     eval_every: int = 4
-    """Rollouts between evaluations on the validation instances (the best evaluated policy is kept)."""
+    """Updates between evaluations on the validation instances (the best evaluated policy is kept)."""
 
     def __post_init__(self) -> None:
         for name in ("total_timesteps", "n_envs", "n_steps", "hidden", "warm_start_episodes", "eval_every"):
