@@ -18,7 +18,12 @@ class GoExploreConfig:
     """Env steps per exploration from a selected cell; None: until the episode ends."""
     moves: str = "groups"
     """Random exploration: 'groups' draws a group of modules (a layer, a module kind or one module) and moves
-    all of it one way; 'modules' moves every module on its own."""
+    all of it one way; 'modules' moves every module on its own; 'prior' follows iterative greedy's rule
+    (`agents.baselines.iterative_greedy_grows`) on the observed importance plus noise drawn once per
+    exploration (`prior_noise`), the search's first exploration without noise, so the archive starts from that
+    rule's own episode and explores around it."""
+    prior_noise: float = 0.1
+    """moves='prior': standard deviation of the Gaussian noise added to each module's importance (in [0, 1])."""
     importance_guided: bool = True
     """Random exploration reads the observed importance: a group is drawn in proportion to its mean importance
     and grows with probability equal to it (a module, with moves='modules', likewise); False: uniform draws."""
@@ -47,7 +52,8 @@ class GoExploreConfig:
             check_int("explore_steps", self.explore_steps, 1)
         check_number("keep_probability", self.keep_probability, 0, 1)
         check_bool("importance_guided", self.importance_guided)
-        check_choice("moves", self.moves, ("modules", "groups"))
+        check_choice("moves", self.moves, ("modules", "groups", "prior"))
+        check_number("prior_noise", self.prior_noise, 0)
         check_int("groups_per_step", self.groups_per_step, 1)
         check_int("parallel", self.parallel, 1)
         check_number("repeat_probability", self.repeat_probability, 0, 1)

@@ -10,6 +10,7 @@ from typing import Any, Protocol
 import gymnasium as gym
 import numpy as np
 
+from agents.baselines import iterative_greedy_action
 from agents.go_explore.archive import Archive, CellEntry
 from agents.go_explore.cells import CellFunction, DepthProfileCell
 from agents.go_explore.config import GoExploreConfig
@@ -141,6 +142,7 @@ class GoExplore:
         limit = self.config.explore_steps if self.config.explore_steps is not None else math.inf
         runs: dict[int, _Exploration] = {}  # explorer index -> its exploration in progress
         exhausted = False  # no cell left to select
+        explorations = 0
         while True:
             room = (self.config.max_optimizer_steps - spent) // cost
             for i, explorer in enumerate(explorers):  # an idle explorer starts from a selected cell
@@ -153,10 +155,14 @@ class GoExplore:
                 source.times_chosen += 1
                 explorer.set_state(source.snapshot)
                 runs[i] = _Exploration(explorer, source, source.observation, list(source.trajectory))
+                if self.config.moves == "prior":  # the first exploration follows the rule itself
+                    noise = rng.normal(0.0, self.config.prior_noise, base.config.max_modules)
+                    runs[i].noise = noise if explorations else np.zeros_like(noise)
+                explorations += 1
             active = [runs[i] for i in sorted(runs)][:room]
             if not active:
                 break
-            actions = [self._action(r.explorer, r.observation, rng, r.moves) for r in active]
+            actions = [self._action(r, rng) for r in active]
             steps = _step_together([r.explorer for r in active], actions)
             for run, action, (observation, info, finished) in zip(active, actions, steps, strict=True):
                 run.observation, run.taken, run.done = observation, run.taken + 1, finished
@@ -187,21 +193,23 @@ class GoExplore:
             trajectory=[list(a) for a in best.trajectory],
         )
 
-    def _action(
-        self, base: Any, observation: dict[str, np.ndarray], rng: np.random.Generator, moves: list[Move]
-    ) -> np.ndarray:
-        """The policy's action, or a random one; group moves are kept in `moves` to be repeated."""
-        masks = base.action_masks()
+    def _action(self, run: _Exploration, rng: np.random.Generator) -> np.ndarray:
+        """The policy's action, or a random one; group moves are kept in `run.moves` to be repeated."""
+        masks = run.explorer.action_masks()
         if self.policy is not None:
-            action, _ = self.policy.predict(observation, action_masks=masks, deterministic=False)
+            action, _ = self.policy.predict(run.observation, action_masks=masks, deterministic=False)
             return np.asarray(action, dtype=np.int64).reshape(-1)
-        modules = module_table(observation["modules"])
+        modules = module_table(run.observation["modules"])
+        if self.config.moves == "prior":
+            noisy = modules.copy()
+            noisy[:, IMPORTANCE] += run.noise
+            return iterative_greedy_action(noisy, run.observation["global"])
         if self.config.moves == "modules":
             importance = modules[:, IMPORTANCE] if self.config.importance_guided else None
             return random_action(masks, rng, self.config.keep_probability, importance)
-        if not moves or rng.random() >= self.config.repeat_probability:
-            moves[:] = draw_group_moves(modules, rng, self.config.groups_per_step, self.config.importance_guided)
-        return group_action(masks, moves)
+        if not run.moves or rng.random() >= self.config.repeat_probability:
+            run.moves[:] = draw_group_moves(modules, rng, self.config.groups_per_step, self.config.importance_guided)
+        return group_action(masks, run.moves)
 
     def _entry(
         self,
@@ -235,6 +243,8 @@ class _Exploration:
     trajectory: list[list[int]]
     moves: list[Move] = field(default_factory=list)
     """This exploration's group moves (moves='groups')."""
+    noise: np.ndarray | None = None
+    """This exploration's noise on the importance (moves='prior')."""
     taken: int = 0
     done: bool = False
     found: bool = False

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from agents.baselines import greedy_iterative
 from agents.go_explore import (
     Archive,
     CellEntry,
@@ -264,10 +265,29 @@ def test_group_exploration_repeats_its_moves_to_the_episode_end(env: RankAllocat
     assert grew > 0
 
 
+def test_prior_exploration_starts_with_iterative_greedys_episode_and_explores_around_it(env: RankAllocationEnv) -> None:
+    """The first exploration (from the root, to the episode's end) is the rule itself; later ones follow it on
+    noisy importances, so they reach other allocations, every one within budget and on the ladder."""
+    rule = greedy_iterative(env, seed=SEED)
+    episode = env.config.decisions * env.config.inner_steps
+    first = GoExplore(GoExploreConfig(max_optimizer_steps=episode, moves="prior", parallel=1)).run(env, seed=SEED)
+    assert first.allocation == rule.allocation and first.optimizer_steps == episode
+    agent = GoExplore(GoExploreConfig(max_optimizer_steps=6 * episode, moves="prior", prior_noise=0.3, parallel=1))
+    result = agent.run(env, seed=SEED)
+    finished = [entry for entry in agent.archive if entry.finished]
+    assert len({tuple(sorted(entry.allocation.items())) for entry in finished}) > 1
+    for entry in finished:
+        assert env.params_of(entry.allocation) <= env.budget
+        assert all(rank in env.ladder for rank in entry.allocation.values())
+    assert result.loss <= min(entry.loss for entry in finished)
+    assert GoExplore(agent.config).run(env, seed=SEED) == result
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [
         ("max_optimizer_steps", 0),
+        ("prior_noise", -0.1),
         ("explore_steps", 0),
         ("keep_probability", 1.5),
         ("importance_guided", "yes"),
