@@ -355,10 +355,13 @@ def iterative_greedy_grows(modules: torch.Tensor, global_: torch.Tensor) -> torc
 
 
 def iterative_greedy_action(modules: np.ndarray, global_: np.ndarray) -> np.ndarray:
-    """`iterative_greedy_grows` as the env's action for one observation (`modules` as `module_table` rows):
-    grow where it grows, keep everywhere else."""
-    grows = iterative_greedy_grows(torch.as_tensor(modules)[None], torch.as_tensor(global_)[None])[0]
-    return np.where(grows.numpy(), GROW, KEEP).astype(np.int64)
+    """`iterative_greedy_grows` as the env's action (grow where it grows, keep everywhere else) for one
+    observation (`modules` as `module_table` rows) or a batch of them (a leading batch dimension)."""
+    one = modules.ndim == 2
+    batch_modules, batch_global = (modules[None], global_[None]) if one else (modules, global_)
+    grows = iterative_greedy_grows(torch.as_tensor(batch_modules), torch.as_tensor(batch_global)).numpy()
+    action = np.where(grows, GROW, KEEP).astype(np.int64)
+    return action[0] if one else action
 
 
 def greedy_iterative(

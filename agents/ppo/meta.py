@@ -84,8 +84,7 @@ def teacher(name: str, vec_env: BatchedVecEnv, configs: Sequence[EnvConfig]) -> 
         return lambda observation: teacher_actions(observation["modules"], targets, r_max)
 
     def iterative(observation: dict[str, np.ndarray]) -> np.ndarray:
-        modules, global_ = torch.as_tensor(module_table(observation["modules"])), torch.as_tensor(observation["global"])
-        return np.where(baselines.iterative_greedy_grows(modules, global_).numpy(), GROW, KEEP).astype(np.int64)
+        return baselines.iterative_greedy_action(module_table(observation["modules"]), observation["global"])
 
     return iterative
 
@@ -129,8 +128,10 @@ def policy_actions(model: BaseAlgorithm, vec_env: BatchedVecEnv) -> Teacher:
     return act
 
 
-def _agreement(model: BaseAlgorithm, observations: dict[str, torch.Tensor], actions: torch.Tensor) -> float:
-    policy = model.policy
+def _agreement(model: BaseAlgorithm, data: tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]) -> float:
+    """Share of real module slots of `data`'s decisions where the policy's most likely move is the recorded one."""
+    observations = {key: torch.as_tensor(value) for key, value in data[0].items()}
+    actions, policy = torch.as_tensor(data[1]), model.policy
     with torch.no_grad():
         logits = policy.action_net(policy.mlp_extractor.forward_actor(policy.extract_features(observations)))
     predicted = logits.reshape(*actions.shape, -1).argmax(-1)
@@ -178,8 +179,7 @@ def warm_start(
     first, own_agreement = len(data[1]), []
     for round_ in range(1, settings.warm_start_rounds + 1):
         visited = teacher_decisions(vec_env, policy_actions(model, vec_env), episodes, gamma, seed + round_, teach)
-        tensors = {key: torch.as_tensor(value) for key, value in visited[0].items()}
-        own_agreement.append(_agreement(model, tensors, torch.as_tensor(visited[1])))
+        own_agreement.append(_agreement(model, visited))
         data = (
             {key: np.concatenate([data[0][key], visited[0][key]]) for key in data[0]},
             np.concatenate([data[1], visited[1]]),
@@ -187,12 +187,11 @@ def warm_start(
         )
         # as many updates as the first cloning: fewer passes over more decisions
         loss = _clone(model, data, max(1, round(settings.warm_start_epochs * first / len(data[1]))), generator)
-    tensors = {key: torch.as_tensor(value) for key, value in data[0].items()}
     return {
         "teacher": settings.warm_start,
         "decisions": len(data[1]),
         "loss": loss,
-        "agreement": _agreement(model, tensors, torch.as_tensor(data[1])),
+        "agreement": _agreement(model, data),
         "rounds": settings.warm_start_rounds,
         "agreement_on_own_states": own_agreement,
     }
