@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from agents.baselines import (
+    FILL_SHARE,
     AdaLoraResult,
     adalora,
     greedy,
@@ -149,20 +150,22 @@ def test_greedy_fills_the_budget_by_importance(env: RankAllocationEnv, counted: 
     assert_on_ladder_within_budget(env, probed.allocation)
 
 
-def test_iterative_greedy_fills_a_share_of_the_budget_per_decision_by_importance() -> None:
-    """Decision 1 of 4 (cap: half the budget) with 0.2 of it used: the most important module's grow (0.4 of
-    the budget) does not fit; the next two (0.1, then 0.05) do; a module at r_max (grow cost 0) and padding
-    keep."""
+def test_iterative_greedy_fills_the_budget_over_the_first_half_of_the_decisions_by_importance() -> None:
+    """Decision 0 of 4 (cap: (0 + 1) / (FILL_SHARE * 4) = half the budget) with 0.2 of it used: the most
+    important module's grow (0.4 of the budget) does not fit; the next two (0.1, then 0.05) do; a module at
+    r_max (grow cost 0) and padding keep. From decision 1 on the cap is the whole budget, and it fits."""
+    assert FILL_SHARE == 0.5
     modules = np.zeros((5, MODULE_FEATURES), np.float32)
     modules[:4, IMPORTANCE] = [0.2, 1.0, 0.6, 0.9]
     modules[:4, GROW_COST] = [0.05, 0.4, 0.1, 0.0]
     modules[:4, PRESENT] = 1
     global_ = np.zeros(GLOBAL_FEATURES, np.float32)
     global_[BUDGET_USED] = 0.2
-    global_[DECISIONS_LEFT] = 3 / 4
+    global_[DECISIONS_LEFT] = 1
     global_[DECISION_SHARE] = 1 / 4
-    action = iterative_greedy_action(modules, global_)
-    assert action.tolist() == [GROW, KEEP, GROW, KEEP, KEEP]
+    assert iterative_greedy_action(modules, global_).tolist() == [GROW, KEEP, GROW, KEEP, KEEP]
+    global_[DECISIONS_LEFT] = 3 / 4
+    assert iterative_greedy_action(modules, global_).tolist() == [GROW, GROW, GROW, KEEP, KEEP]
 
 
 def test_iterative_greedy_runs_one_episode_and_fills_the_budget(env: RankAllocationEnv, counted: list) -> None:
