@@ -93,10 +93,15 @@ def seq2seq_loss(model: nn.Module, batch: Batch, episodes: int = 1) -> torch.Ten
     return per_episode(_token_cross_entropy(logits, labels), episodes, labels != -100)
 
 
+def layer_hidden_states(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """The hidden states after every layer, (batch, layers, tokens, hidden)."""
+    return torch.stack(model(input_ids=batch["input_ids"], output_hidden_states=True).hidden_states[1:], 1)
+
+
 def hidden_state_mse_loss(model: nn.Module, batch: Batch, episodes: int = 1) -> torch.Tensor:
-    """Mean squared error between the student's and the teacher's last hidden states."""
-    hidden = model(input_ids=batch["input_ids"]).last_hidden_state
-    return per_episode((hidden.float() - batch["teacher_hidden"]).square(), episodes)
+    """Mean squared error between the student's and the teacher's hidden states after every layer
+    (`teacher_hidden`, (batch, layers, tokens, hidden)): layer-wise distillation."""
+    return per_episode((layer_hidden_states(model, batch).float() - batch["teacher_hidden"]).square(), episodes)
 
 
 def causal_lm_loss(model: nn.Module, batch: Batch, episodes: int = 1) -> torch.Tensor:

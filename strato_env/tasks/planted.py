@@ -2,8 +2,8 @@
 
 The student (base + LoRA) learns to match the teacher's outputs on random token sequences: KL on the
 next-token distribution for causal LMs, on the decoder's distribution for encoder-decoders (random encoder
-inputs and decoder targets), MSE on the last hidden states for encoders. The oracle
-allocation gives each perturbed module exactly its planted rank.
+inputs and decoder targets), MSE on the hidden states after every layer for encoders (layer-wise
+distillation). The oracle allocation gives each perturbed module exactly its planted rank.
 
 Two kinds of teacher:
 
@@ -33,6 +33,7 @@ from strato_env.tasks.base import (
     TaskData,
     distillation_kl_loss,
     hidden_state_mse_loss,
+    layer_hidden_states,
     seq2seq_distillation_kl_loss,
 )
 
@@ -126,11 +127,15 @@ def _perturbed_copy(
 
 @torch.no_grad()
 def _teacher_targets(teacher: nn.Module, inputs: Batch, hidden: bool, chunk: int = 32) -> torch.Tensor:
-    """The teacher's log-probabilities (causal LMs, encoder-decoders) or last hidden states (encoders)."""
+    """The teacher's log-probabilities (causal LMs, encoder-decoders) or hidden states after every layer
+    (encoders)."""
     outputs = []
     for start in range(0, len(inputs["input_ids"]), chunk):
-        result = teacher(**{k: v[start : start + chunk] for k, v in inputs.items()})
-        outputs.append(result.last_hidden_state.float() if hidden else torch.log_softmax(result.logits.float(), -1))
+        part = {k: v[start : start + chunk] for k, v in inputs.items()}
+        if hidden:
+            outputs.append(layer_hidden_states(teacher, part).float())
+        else:
+            outputs.append(torch.log_softmax(teacher(**part).logits.float(), -1))
     return torch.cat(outputs)
 
 
