@@ -63,8 +63,9 @@ class PolicyConfig:
     warm_start: str = "greedy_iterative"
     """Behaviour cloning of a teacher before reinforcement learning (the critic learns the teacher's returns):
     'greedy_iterative' (the iterative greedy baseline's moves, which read only the observation: each decision
-    fills a further 1 / decisions of the budget by the importance observed then), 'greedy' (grow each module
-    toward greedy-by-importance's allocation, one ladder step per decision) or 'none' (a random start)."""
+    fills a further 1 / (FILL_SHARE * decisions) of the budget by the importance observed then), 'greedy'
+    (grow each module toward greedy-by-importance's allocation, one ladder step per decision) or 'none' (a
+    random start)."""
     warm_start_episodes: int = 1
     """Episodes of the teacher per sub-episode that the warm start clones."""
     warm_start_epochs: int = 300
