@@ -274,14 +274,19 @@ def test_text_summary_finds_the_parameters_that_match_uniform():
     assert _parameters_to_match(rows, planted={"gpt2-tiny/causal_lm/text"}) == []
 
 
-@pytest.mark.parametrize("name", ["bench_planted", "bench_text"])
+@pytest.mark.parametrize("name", ["bench_planted", "bench_text", "bench_transfer"])
 def test_shipped_bench_configs_load_full_and_quick(name):
     path = str(ROOT / "configs" / f"{name}.yaml")
     full, quick = load_bench_config(path), load_bench_config(path, quick=True)
     assert (full.name, quick.name) == (name, f"{name}-quick")
     assert len(full.seeds) >= 3 and len(quick.seeds) == 1
     assert quick.episode_steps < full.episode_steps and max(quick.search_steps) < max(full.search_steps)
-    assert set(full.methods) == set(METHODS) - {"uniform", "oracle"}
+    if name == "bench_transfer":  # GPT-2 family in training, other families in test
+        train = {full.env_config(i).model for i in full.train_instances + full.validation_instances}
+        assert train == {"gpt2-tiny", "gpt2-tiny-6x32"}
+        assert {full.env_config(i).model for i in full.test_instances} == {"llama-tiny", "bert-tiny"}
+    else:
+        assert set(full.methods) == set(METHODS) - {"uniform", "oracle"}
 
 
 def test_the_final_retrains_of_one_instance_and_seed_run_together_and_match_one_at_a_time(tmp_path):
