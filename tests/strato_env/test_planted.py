@@ -2,9 +2,13 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
+from strato_env.config import EnvConfig
 from strato_env.costs import uniform_rank_for_budget
 from strato_env.env import GROW, RankAllocationEnv
+from strato_env.instance import get_instance
+from strato_env.tasks.base import layer_hidden_states
 from strato_env.tasks.planted import planted_ranks
 
 
@@ -35,6 +39,19 @@ def test_rank_profile_families(profile):
     else:
         assert len(chosen) < len(env.modules)
         assert planted_ranks(env.modules, profile, 16, seed=1) != ranks
+
+
+@pytest.mark.parametrize(("profile", "first"), [("top-heavy", 3), ("bottom-heavy", 0)])
+def test_planted_encoders_match_every_layer_so_the_perturbed_layer_shows(profile, first):
+    """bert-tiny (4 layers): the teacher's targets hold the hidden states after every layer, and the frozen
+    base differs from them from the first perturbed layer on, not before."""
+    instance = get_instance(EnvConfig(model="bert-tiny", task={"profile": profile}))
+    rows = instance.data.eval
+    with torch.no_grad():
+        base = layer_hidden_states(instance.model, rows)
+    assert rows["teacher_hidden"].shape == base.shape and base.shape[1] == 4
+    error = (base - rows["teacher_hidden"]).square().mean(dim=(0, 2, 3))
+    assert torch.all(error[:first] < 1e-10) and torch.all(error[first:] > 1e-4), error.tolist()
 
 
 def test_divergence_terminates_cleanly_with_the_penalty():
