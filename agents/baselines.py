@@ -340,7 +340,8 @@ FILL_SHARE = 0.5
 """Iterative greedy fills the budget over this share of an episode's decisions. Ranks grown late train for
 fewer steps, so an episode's own adapter is better when the budget fills early; filled at the first decision,
 it is spread over every module alike. Chosen on the bench_planted train and validation instances (never the
-test set, one seed) by the gap closed by the episode's own adapter:
+test set, one seed, encoders then matching only the teacher's last hidden states) by the gap closed by the
+episode's own adapter:
 
 | budget full after      | 8 of 8 decisions | 5 of 8 | 4 of 8 | 3 of 8 |
 |------------------------|------------------|--------|--------|--------|

@@ -268,7 +268,8 @@ def test_group_exploration_repeats_its_moves_to_the_episode_end(env: RankAllocat
 def test_prior_exploration_starts_with_iterative_greedys_episode_and_explores_around_it() -> None:
     """The first exploration (from the root, to the episode's end) is the rule itself; later ones follow it on
     noisy importances, so they reach other allocations, every one within budget and on the ladder. Eight
-    decisions, as in the bench: with a few the rule fills every module alike, whatever the importances."""
+    decisions, as in the bench: with 4 (or 6) this instance's budget fills every module alike, whatever the
+    importances."""
     env = RankAllocationEnv(decisions=8, inner_steps=1)
     rule = greedy_iterative(env, seed=SEED)
     episode = env.config.decisions * env.config.inner_steps
