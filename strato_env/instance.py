@@ -45,9 +45,19 @@ class Instance:
     static_losses: dict[tuple[TrainingProtocol, tuple[int, ...], int], float] = field(default_factory=dict)
     """(protocol, rank per module, seed) -> final loss of that allocation kept for one episode (oracle, uniform)."""
 
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the base model's weights and the task's tensors."""
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        tensors += [t for split in (self.data.train, self.data.eval, self.data.test) for t in split.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
 
 _CACHE: dict[str, Instance] = {}
-_CACHE_SIZE = 8
+CACHE_BYTES = 2 * 2**30
+"""The instance cache keeps the most recently built instances whose models and data fit in this many bytes
+(always the newest one), so that meta-training on a set of tiny instances builds and probes each once per
+process (bench_planted's 42 tiny instances hold 0.75 GiB) while hub-sized models are not hoarded."""
 
 
 def instance_key(config: EnvConfig) -> str:
@@ -99,9 +109,10 @@ def get_instance(config: EnvConfig) -> Instance:
     """The cached instance for `config`, built on first use."""
     key = instance_key(config)
     if key not in _CACHE:
-        if len(_CACHE) >= _CACHE_SIZE:
-            _CACHE.pop(next(iter(_CACHE)))
-        _CACHE[key] = _build(config)
+        instance = _build(config)
+        while _CACHE and sum(i.nbytes for i in _CACHE.values()) + instance.nbytes > CACHE_BYTES:
+            _CACHE.pop(next(iter(_CACHE)))  # the oldest
+        _CACHE[key] = instance
     return _CACHE[key]
 
 

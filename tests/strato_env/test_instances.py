@@ -130,3 +130,19 @@ def test_test_split_is_disjoint_and_only_read_when_asked(corpus):
     assert env.evaluate_loss(split="test") == pytest.approx(env.evaluate_loss(env.peft_model(), split="test"), rel=1e-4)
     with pytest.raises(ValueError, match=r"split='train' is invalid; allowed: \['eval', 'test'\]"):
         env.evaluate_loss(split="train")
+
+
+def test_the_instance_cache_keeps_the_newest_instances_that_fit_its_bytes(monkeypatch):
+    import strato_env.instance as instances
+
+    monkeypatch.setattr(instances, "_CACHE", {})
+    configs = [EnvConfig(task=GENERATED | {"data_seed": seed}, **SMALL) for seed in (31, 32, 33)]
+    first = get_instance(configs[0])
+    assert get_instance(configs[0]) is first  # cached: built once
+    # room for two instances of this size: the third evicts the oldest
+    monkeypatch.setattr(instances, "CACHE_BYTES", 2 * first.nbytes + first.nbytes // 2)
+    second, third = get_instance(configs[1]), get_instance(configs[2])
+    assert list(instances._CACHE.values()) == [second, third]
+    assert first.nbytes > sum(p.numel() * 4 for p in first.model.parameters()) > 0  # weights and data
+    monkeypatch.setattr(instances, "CACHE_BYTES", 1)  # too small for any: the newest is still kept
+    assert get_instance(configs[0]) is not first and list(instances._CACHE) == [instances.instance_key(configs[0])]
