@@ -16,11 +16,12 @@ from stable_baselines3.common.callbacks import BaseCallback
 from torch.nn import functional as F
 
 from agents import baselines
+from agents.go_explore import GoExplore, GoExploreConfig
 from agents.ppo.train import PolicyConfig, build_algorithm, load_policy, policy_bytes
 from agents.ppo.vec_env import BatchedVecEnv
 from strato_env.config import EnvConfig
 from strato_env.env import GROW, KEEP, SHRINK, RankAllocationEnv
-from strato_env.observation import PRESENT, RANK, module_table
+from strato_env.observation import DECISION_SHARE, DECISIONS_LEFT, PRESENT, RANK, module_table
 
 WARM_START_BATCH = 64
 """Minibatch size of the warm start's supervised updates."""
@@ -45,7 +46,8 @@ class MetaTraining:
     over validation instances of the return of the policy's deterministic episode, `validation_return`)."""
     warm_start: dict[str, Any] | None = None
     """The warm start's `teacher`, the `decisions` cloned, its final `loss` and `agreement` (share of real module
-    slots where the policy's most likely move is the teacher's), its DAgger `rounds` and, per round, the
+    slots where the policy's most likely move is the teacher's), the `search_optimizer_steps` of a Go-Explore
+    teacher's searches (0 for the others), its DAgger `rounds` and, per round, the
     `agreement_on_own_states` before that round's cloning (on the states the policy's own episodes visited);
     None without a warm start."""
 
@@ -73,20 +75,52 @@ Teacher = Callable[[dict[str, np.ndarray]], np.ndarray]
 """A batch of observations (one per sub-episode) -> the teacher's actions."""
 
 
-def teacher(name: str, vec_env: BatchedVecEnv, configs: Sequence[EnvConfig]) -> Teacher:
-    """The warm start's teacher on `vec_env` (sub-episode i plays `configs[i % len(configs)]`): 'greedy' grows
-    each slot toward greedy's allocation; 'greedy_iterative' moves as `baselines.iterative_greedy_action`."""
+def search_trajectories(configs: Sequence[EnvConfig], steps: int, seed: int) -> tuple[list[list[list[int]]], int]:
+    """The moves of the best episode a Go-Explore search (`moves='prior'`, eight explorations at once, `steps`
+    optimizer steps) finds on each instance, and the optimizer steps the searches ran."""
+    search = GoExplore(GoExploreConfig(max_optimizer_steps=steps, moves="prior", parallel=8))
+    results = [search.run(RankAllocationEnv(config), seed=seed) for config in configs]
+    return [r.trajectory for r in results], sum(r.optimizer_steps for r in results)
+
+
+def replay(trajectories: Sequence[Sequence[Sequence[int]]]) -> Teacher:
+    """A teacher that plays, in sub-episode i, the moves of `trajectories[i]` in order (the decision is read from
+    the observation), and keeps every module once a trajectory has run out."""
+
+    def act(observation: dict[str, np.ndarray]) -> np.ndarray:
+        global_ = observation["global"]
+        decisions = np.rint((1 - global_[:, DECISIONS_LEFT]) / global_[:, DECISION_SHARE]).astype(int)
+        slots = module_table(observation["modules"]).shape[1]
+        return np.stack([
+            np.asarray(moves[t]) if t < len(moves) else np.full(slots, KEEP)
+            for moves, t in zip(trajectories, decisions, strict=True)
+        ]).astype(np.int64)  # fmt: skip
+
+    return act
+
+
+def teacher(
+    settings: PolicyConfig, vec_env: BatchedVecEnv, configs: Sequence[EnvConfig], seed: int
+) -> tuple[Teacher, int]:
+    """The warm start's teacher `settings.warm_start` on `vec_env` (sub-episode i plays `configs[i %
+    len(configs)]`) and the optimizer steps spent building it: 'greedy' grows each slot toward greedy's
+    allocation; 'greedy_iterative' moves as `baselines.iterative_greedy_action`; 'go_explore' replays the best
+    episode that Go-Explore, from `seed`, found on the sub-episode's instance."""
+    name = settings.warm_start
     played = [configs[i % len(configs)] for i in range(vec_env.num_envs)]
+    if name == "go_explore":
+        found, steps = search_trajectories(configs, settings.warm_start_search_steps, seed)
+        return replay([found[i % len(configs)] for i in range(vec_env.num_envs)]), steps
     if name == "greedy":
         per_config = greedy_targets(configs)
         targets = np.stack([per_config[i % len(configs)] for i in range(vec_env.num_envs)])
         r_max = np.array([[max(config.rank_ladder)] for config in played])  # each sub-episode's own ladder
-        return lambda observation: teacher_actions(observation["modules"], targets, r_max)
+        return lambda observation: teacher_actions(observation["modules"], targets, r_max), 0
 
     def iterative(observation: dict[str, np.ndarray]) -> np.ndarray:
         return baselines.iterative_greedy_action(module_table(observation["modules"]), observation["global"])
 
-    return iterative
+    return iterative, 0
 
 
 def teacher_decisions(
@@ -171,7 +205,7 @@ def warm_start(
     teacher's moves on its episodes and fit the critic to their returns; then `settings.warm_start_rounds`
     rounds of DAgger (the policy plays, the teacher labels, the policy is cloned again on all decisions so far).
     Returns the `MetaTraining.warm_start` record."""
-    teach = teacher(settings.warm_start, vec_env, configs)
+    teach, search_steps = teacher(settings, vec_env, configs, seed)
     episodes, gamma = settings.warm_start_episodes, settings.gamma
     data = teacher_decisions(vec_env, teach, episodes, gamma, seed)
     generator = torch.Generator().manual_seed(seed)
@@ -194,6 +228,7 @@ def warm_start(
         "agreement": _agreement(model, data),
         "rounds": settings.warm_start_rounds,
         "agreement_on_own_states": own_agreement,
+        "search_optimizer_steps": search_steps,
     }
 
 
@@ -269,6 +304,8 @@ def meta_train(
     if checkpoints.rows and checkpoints.rows[-1]["return"] < max(row["return"] for row in checkpoints.rows):
         best = load_policy(checkpoints.best, env=vec_env)
     steps = vec_env.total_optimizer_steps + vec_env.probe_optimizer_steps
+    if record is not None:
+        steps += record["search_optimizer_steps"]
     if validation_env is not None:
         steps += validation_env.total_optimizer_steps + validation_env.probe_optimizer_steps
     return MetaTraining(best, steps, checkpoints.rows, record)

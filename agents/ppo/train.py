@@ -24,7 +24,7 @@ from strato_env.files import write_atomic
 from strato_env.observation import OBSERVATION_VERSION
 from strato_env.validation import check_choice, check_int, check_number
 
-WARM_STARTS = ("greedy_iterative", "greedy", "none")
+WARM_STARTS = ("greedy_iterative", "greedy", "go_explore", "none")
 POLICY_VERSION = 3
 """v3: an optional `prior` input (iterative greedy's move per slot); v2: `architecture` (attention or mean over
 slots), padding slots masked out of the log-probability, no `grow_bias`; v1 (no `policy_version` entry) had a
@@ -65,8 +65,12 @@ class PolicyConfig:
     """Behaviour cloning of a teacher before reinforcement learning (the critic learns the teacher's returns):
     'greedy_iterative' (the iterative greedy baseline's moves, which read only the observation: each decision
     fills a further 1 / (FILL_SHARE * decisions) of the budget by the importance observed then), 'greedy'
-    (grow each module toward greedy-by-importance's allocation, one ladder step per decision) or 'none' (a
-    random start)."""
+    (grow each module toward greedy-by-importance's allocation, one ladder step per decision), 'go_explore' (the
+    best episode a Go-Explore search around iterative greedy's rule found on each train instance, replayed) or
+    'none' (a random start)."""
+    warm_start_search_steps: int = 1600
+    """warm_start='go_explore': optimizer steps of the search on each train instance (`moves='prior'`, eight
+    explorations at once on the batched engine)."""
     warm_start_episodes: int = 1
     """Episodes of the teacher per sub-episode that the warm start clones."""
     warm_start_epochs: int = 30
@@ -82,7 +86,8 @@ class PolicyConfig:
     """Updates between evaluations on the validation instances (the best evaluated policy is kept)."""
 
     def __post_init__(self) -> None:
-        for name in ("total_timesteps", "n_envs", "n_steps", "hidden", "warm_start_episodes", "eval_every"):
+        learning = ("total_timesteps", "n_envs", "n_steps", "hidden", "eval_every")
+        for name in (*learning, "warm_start_episodes", "warm_start_search_steps"):
             check_int(name, getattr(self, name), 1)
         check_int("warm_start_epochs", self.warm_start_epochs, 0)
         check_int("warm_start_rounds", self.warm_start_rounds, 0)

@@ -5,7 +5,14 @@ import pytest
 
 from agents import baselines
 from agents.evaluation import run_policy_episode
-from agents.ppo.meta import greedy_targets, meta_train, teacher_actions, validation_return
+from agents.ppo.meta import (
+    greedy_targets,
+    meta_train,
+    replay,
+    search_trajectories,
+    teacher_actions,
+    validation_return,
+)
 from agents.ppo.train import PPOConfig
 from agents.ppo.vec_env import BatchedVecEnv
 from strato_env.config import EnvConfig, from_dict
@@ -44,6 +51,33 @@ def test_behaviour_cloning_reproduces_the_teachers_allocations_on_the_train_set(
         assert len(set(expected.values())) > 1  # the teacher does not give every module the same rank here
         # the policy's own episode (deterministic) ends at the teacher's allocation
         assert run_policy_episode(meta.model, env, seed=0)["allocation"] == expected
+
+
+def test_cloning_go_explores_best_episodes_reproduces_their_allocations_on_the_train_set():
+    settings = PPOConfig(n_envs=2, total_timesteps=1, n_steps=1, batch_size=2, warm_start="go_explore",
+                         warm_start_search_steps=24, warm_start_epochs=600)  # fmt: skip
+    meta = meta_train("ppo", settings, TRAIN, [], seed=0)
+    trajectories, search_steps = search_trajectories(TRAIN, 24, seed=0)
+    assert meta.warm_start["search_optimizer_steps"] == search_steps == 2 * 24  # four episodes per instance
+    assert meta.warm_start["agreement"] == 1.0
+    for config, moves in zip(TRAIN, trajectories, strict=True):
+        env = RankAllocationEnv(config)
+        env.reset(seed=0)
+        for action in moves:
+            *_, info = env.step(np.asarray(action))
+        assert len(moves) == PROTOCOL["decisions"]  # a whole episode
+        assert run_policy_episode(meta.model, env, seed=0)["allocation"] == info["allocation"]
+
+
+def test_replay_plays_each_sub_episodes_moves_by_the_decision_it_reads():
+    vec_env = BatchedVecEnv(TRAIN, 2)
+    keep = [KEEP] * TRAIN[0].max_modules
+    grow = [GROW] + keep[1:]  # grow the first module
+    act = replay([[keep, grow], [grow]])  # sub-episode 1's trajectory ends after one decision
+    observation = vec_env.reset()
+    assert act(observation).tolist() == [keep, grow]
+    observation, *_ = vec_env.step(act(observation))
+    assert act(observation).tolist() == [grow, keep]  # sub-episode 0's second move; sub-episode 1 keeps
 
 
 def test_with_the_prior_cloning_reproduces_iterative_greedy_on_instances_it_never_saw():
