@@ -22,6 +22,7 @@ from agents.ppo.vec_env import BatchedVecEnv
 from strato_env.config import EnvConfig
 from strato_env.env import GROW, KEEP, SHRINK, RankAllocationEnv
 from strato_env.observation import DECISION_SHARE, DECISIONS_LEFT, PRESENT, RANK, module_table
+from strato_env.validation import check_int
 
 WARM_START_BATCH = 64
 """Minibatch size of the warm start's supervised updates."""
@@ -290,6 +291,9 @@ def meta_train(
     i modulo their number): the warm start, then `settings.total_timesteps` decisions of reinforcement learning,
     scored on the `validation` instances after the warm start, every `settings.eval_every` rollouts and at the
     end. The best-scoring policy is returned."""
+    if settings.warm_start == "go_explore":  # a search must pay for one whole episode on every instance
+        episode = max(config.decisions * config.inner_steps for config in train)
+        check_int("warm_start_search_steps", settings.warm_start_search_steps, episode)
     vec_env = BatchedVecEnv(train, settings.n_envs)
     validation_env = BatchedVecEnv(validation, len(validation)) if validation else None
     model = build_algorithm(algorithm, settings, vec_env, seed, tensorboard_log=tensorboard_log)

@@ -69,6 +69,12 @@ def test_cloning_go_explores_best_episodes_reproduces_their_allocations_on_the_t
         assert run_policy_episode(meta.model, env, seed=0)["allocation"] == info["allocation"]
 
 
+def test_a_go_explore_teacher_whose_search_pays_for_no_episode_is_refused_before_any_work():
+    settings = PPOConfig(n_envs=2, warm_start="go_explore", warm_start_search_steps=5)  # an episode is 6 steps
+    with pytest.raises(ValueError, match=r"^warm_start_search_steps=5 is invalid: expected an integer >= 6"):
+        meta_train("ppo", settings, TRAIN, [], seed=0)
+
+
 def test_replay_plays_each_sub_episodes_moves_by_the_decision_it_reads():
     vec_env = BatchedVecEnv(TRAIN, 2)
     keep = [KEEP] * TRAIN[0].max_modules
