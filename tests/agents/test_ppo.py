@@ -143,7 +143,7 @@ def test_bad_ppo_config_names_the_field():
         PPOConfig(architecture="lstm")
     with pytest.raises(ValueError, match=r"^hidden=30 is invalid: architecture='attention' has 4 heads"):
         PPOConfig(hidden=30)
-    allowed = r"allowed: \['greedy_iterative', 'greedy', 'none'\]"
+    allowed = r"allowed: \['greedy_iterative', 'greedy', 'go_explore', 'none'\]"
     with pytest.raises(ValueError, match=rf"^warm_start='bc' is invalid: {allowed}"):
         TRPOConfig(warm_start="bc")
     with pytest.raises(ValueError, match=r"^target_kl=0 is invalid"):
