@@ -66,6 +66,8 @@ def test_cloning_go_explores_best_episodes_reproduces_their_allocations_on_the_t
         for action in moves:
             *_, info = env.step(np.asarray(action))
         assert len(moves) == PROTOCOL["decisions"]  # a whole episode
+        # the search's best episode is not the rule it explores around, so the clone learned the search's moves
+        assert info["allocation"] != baselines.greedy_iterative(env, seed=0).allocation
         assert run_policy_episode(meta.model, env, seed=0)["allocation"] == info["allocation"]
 
 
