@@ -5,7 +5,8 @@ Same model, data, allocation (every target module at rank `--rank`), batch order
 (b) the single env (`RankAllocationEnv.step`), (c) the vector env at N = 1, 4, 16, 64 (`RankAllocationVecEnv.step`,
 N decisions per call). Also: achieved GFLOP/s from exact FLOP counts (torch's FlopCounterMode) against a
 plain torch matmul measured in the same run, the LoRA training step against the frozen base's forward +
-backward, and the resident memory. The N=16 speedup is printed last.
+backward, and the resident memory. (d) bounds every engine: the same decisions' passes of the frozen base
+alone over the N episodes' stacked batches, with no LoRA work at all. The N=16 speedup is printed last.
 
 Usage: python benchmarks/engine_throughput.py [--model gpt2-tiny] [--widths 1,4,16,64] [--decisions 4]
 """
@@ -21,9 +22,9 @@ import torch
 from env_overhead import plain_peft_decision, plain_peft_model  # this script's folder
 from torch.utils.flop_counter import FlopCounterMode
 
-from strato_env.engine import keep_freed_memory
+from strato_env.engine import BatchedLora, keep_freed_memory
 from strato_env.env import KEEP, RankAllocationEnv
-from strato_env.episodes import evaluate_losses, train_step
+from strato_env.episodes import evaluate_losses, stack, train_step
 from strato_env.vector import RankAllocationVecEnv
 
 
@@ -55,6 +56,29 @@ def decision_flops(envs: RankAllocationVecEnv) -> int:
     for i, state in enumerate(snapshot):
         batch.lora.restore(i, state)
     return batch.config.inner_steps * step + counter.get_total_flops()
+
+
+def frozen_decision(envs: RankAllocationVecEnv):
+    """A function running one decision's passes of the frozen base alone over the N episodes' stacked batches:
+    `inner_steps` forward + backward passes of the task's loss (gradients of the activations only, the part of
+    a backward pass LoRA cannot skip) and the evaluation's forward passes. An engine adds LoRA's work to this,
+    so N over its time bounds the decisions per second of any engine at width N."""
+    batch = envs.batch
+    model = batch.target.model
+    stacked = stack([batch.training_batch(sub.data, sub.episode.order, 0) for sub in batch.subs])
+    no_adapters = BatchedLora(batch.target, batch.size, batch.ladder[-1], learning_rate=0.0)
+    datas = [sub.data for sub in batch.subs]
+
+    def run() -> None:
+        hook = model.get_input_embeddings().register_forward_hook(lambda module, inputs, out: out.requires_grad_())
+        try:
+            for _ in range(batch.config.inner_steps):
+                batch.loss(model, stacked, batch.size).sum().backward()
+        finally:
+            hook.remove()
+        evaluate_losses(batch.target, no_adapters, datas, batch.config.batch_size)
+
+    return run
 
 
 def timed(function, repeats: int) -> float:
@@ -140,7 +164,11 @@ def main() -> None:
         rates[name] = width / seconds
         flops[name] = decision_flops(envs) / seconds / 1e9
         memory[width] = rss_gib()
+        if width == 16:
+            bound = width / timed(frozen_decision(envs), args.decisions)
         del envs
+    if 16 in memory:
+        rates["(d) frozen base alone N=16"] = bound
 
     print(f"\n{'side':<26}{'decisions/s':>12}{'speedup':>10}{'GFLOP/s':>10}{'of roofline':>13}")
     for name, rate in rates.items():
@@ -153,7 +181,8 @@ def main() -> None:
     print("peak RSS after each width: " + ", ".join(f"N={w}: {gib:.2f} GiB" for w, gib in memory.items()))
     if "(c) vector env N=16" in rates:
         speedup = rates["(c) vector env N=16"] / rates["(a) plain peft loop"]
-        print(f"vector env N=16 speedup over the plain peft loop: {speedup:.2f}x")
+        bound = rates["(d) frozen base alone N=16"] / rates["(a) plain peft loop"]
+        print(f"vector env N=16 speedup over the plain peft loop: {speedup:.2f}x (any engine: at most {bound:.2f}x)")
 
 
 if __name__ == "__main__":
