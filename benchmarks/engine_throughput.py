@@ -92,8 +92,9 @@ def timed(function, repeats: int) -> float:
     return float(np.median(times))
 
 
-def base_versus_lora(env: RankAllocationEnv, repeats: int) -> tuple[float, float]:
-    """(seconds of the frozen base's forward + backward, seconds of one LoRA training step) on one batch."""
+def base_versus_lora(env: RankAllocationEnv, repeats: int) -> tuple[float, float, float]:
+    """(seconds of the frozen base's forward + backward, seconds of one LoRA training step, the LoRA step's FLOPs
+    over the frozen pass's) on one batch."""
     batch = env.batch
     rows = [batch.training_batch(batch.subs[0].data, batch.subs[0].episode.order, 0)]
     model = env.fresh_base_model()
@@ -107,7 +108,12 @@ def base_versus_lora(env: RankAllocationEnv, repeats: int) -> tuple[float, float
     def lora() -> None:
         train_step(batch.target, batch.lora, batch.loss, rows, [0])
 
-    return timed(frozen, repeats), timed(lora, repeats)
+    flops = []
+    for function in (frozen, lora):
+        with FlopCounterMode(display=False) as counter:
+            function()
+        flops.append(counter.get_total_flops())
+    return timed(frozen, repeats), timed(lora, repeats), flops[1] / flops[0]
 
 
 def main() -> None:
@@ -151,7 +157,7 @@ def main() -> None:
         env.step(keep)
 
     rates["(b) single env"] = 1 / timed(single_step, args.decisions)
-    frozen_s, lora_s = base_versus_lora(env, 10)
+    frozen_s, lora_s, flop_ratio = base_versus_lora(env, 10)
 
     flops: dict[str, float] = {}
     memory: dict[int, float] = {}
@@ -176,7 +182,7 @@ def main() -> None:
         print(f"{name:<26}{rate:12.2f}{rate / rates['(a) plain peft loop']:9.2f}x{gflops}")
     print(
         f"\nLoRA training step {lora_s * 1e3:.1f} ms vs frozen base forward + backward {frozen_s * 1e3:.1f} ms: "
-        f"{lora_s / frozen_s:.2f}x"
+        f"{lora_s / frozen_s:.2f}x (its FLOPs: {flop_ratio:.2f}x)"
     )
     print("peak RSS after each width: " + ", ".join(f"N={w}: {gib:.2f} GiB" for w, gib in memory.items()))
     if "(c) vector env N=16" in rates:

@@ -361,8 +361,8 @@ class BatchedLora:
         beta1, beta2 = BETAS
         lr, decay = self.learning_rate, self.weight_decay
         step = self.steps.clamp(min=1)
-        step_size = (lr / (1 - beta1**step)).float()[:, self._columns]
-        bias2_root = (1 - beta2**step).sqrt().float()[:, self._columns]
+        step_size = torch.index_select((lr / (1 - beta1**step)).float(), 1, self._columns)  # per flat parameter
+        bias2_root = torch.index_select((1 - beta2**step).sqrt().float(), 1, self._columns)
         values, grads, m, v = self.values, self.grads, self.exp_avg, self.exp_avg_sq
         if training is None:
             if decay:
@@ -378,7 +378,7 @@ class BatchedLora:
             m.lerp_(grads, (1 - beta1) * t)
             v.mul_(1 - (1 - beta2) * t).addcmul_(grads, grads * ((1 - beta2) * t))
         denom = v.sqrt().div_(bias2_root).add_(EPS)
-        values.addcdiv_(m * step_size, denom, value=-1)
+        values.addcdiv_(step_size.mul_(m), denom, value=-1)
 
     # ---- snapshots ----------------------------------------------------------------------------------------
     def snapshot(self, episode: int) -> dict[str, Any]:
