@@ -165,8 +165,14 @@ def main() -> None:
         envs = RankAllocationVecEnv(num_envs=width, **settings)
         envs.reset(seed=0, options={"allocation": allocation})
         actions = np.full(envs.action_space.shape, KEEP)
+
+        def vector_step(envs: RankAllocationVecEnv = envs, actions: np.ndarray = actions) -> None:
+            if envs.batch.subs[0].episode.decision >= c.decisions:  # as the single env: the same allocation again
+                envs.reset(seed=0, options={"allocation": allocation})
+            envs.step(actions)
+
         name = f"(c) vector env N={width}"
-        seconds = timed(lambda envs=envs, actions=actions: envs.step(actions), args.decisions)
+        seconds = timed(vector_step, args.decisions)
         rates[name] = width / seconds
         flops[name] = decision_flops(envs) / seconds / 1e9
         memory[width] = rss_gib()
