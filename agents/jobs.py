@@ -187,7 +187,7 @@ def _train_go_explore(config: TrainConfig, env: RankAllocationEnv, run: RunFolde
 
         result = agent.run(env, seed=config.seed, progress=progress)
     agent.archive.save(str(run.path / "archive.json"))
-    _, info = env.reset(seed=config.seed)
+    _, info = env.reset(seed=config.seed, options={"allocation": result.start} if result.start else None)
     for action in result.trajectory:  # the adapter to export is the one the best trajectory trains
         _, _, _, _, info = env.step(action)
     if not math.isclose(info["loss"], result.loss, rel_tol=1e-6) or info["allocation"] != result.allocation:

@@ -109,7 +109,7 @@ METHODS: dict[str, Method] = {
         Method("adalora", "peft's AdaLoRA, its final ranks mapped to the ladder", baselines.AdaLoraOptions,
                _baseline(baselines.adalora), own_model=True),
         Method("go_explore", "Go-Explore over rank schedules", GoExploreConfig, _go_explore,
-               reads_importance=lambda options: options.importance_guided,
+               reads_importance=lambda options: options.importance_guided or options.greedy_episode,
                trainable=True, fixed_options=("max_optimizer_steps",), anytime=True),
         *(
             Method(name, summary, ALGORITHMS[name][2], learned=True,

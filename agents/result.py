@@ -19,3 +19,6 @@ class SearchResult:
     """(optimizer steps spent so far, best loss so far) after each unit of search."""
     trajectory: list[list[int]] | None = None
     """For sequential methods: the actions that lead from reset to the result."""
+    start: dict[str, int] = field(default_factory=dict)
+    """For sequential methods: the allocation the trajectory starts from (`reset(options={"allocation": ...})`;
+    empty: the env's own initial ranks)."""

@@ -15,7 +15,8 @@ from agents.go_explore.cells import Cell
 from strato_env.files import write_atomic
 
 ARCHIVE_FORMAT = "strato-go-explore-archive"
-ARCHIVE_VERSION = 1
+ARCHIVE_VERSION = 2
+"""v2: entries have a `start` allocation (v1 archives load with none)."""
 SAVED_FIELDS = (
     "score",
     "loss",
@@ -25,6 +26,7 @@ SAVED_FIELDS = (
     "finished",
     "times_chosen",
     "times_improved",
+    "start",
 )
 
 
@@ -40,7 +42,7 @@ class CellEntry:
     optimizer_steps: int
     """Optimizer steps from reset to the end of the trajectory (info["optimizer_steps"])."""
     trajectory: list[list[int]]
-    """Actions that lead from env.reset(seed) to this cell."""
+    """Actions that lead from env.reset(seed, options={"allocation": start}) to this cell."""
     allocation: dict[str, int]
     """Module name -> rank at the end of the trajectory."""
     finished: bool
@@ -49,6 +51,8 @@ class CellEntry:
     """Times the cell was selected to explore from."""
     times_improved: int = 0
     """Explorations from this cell that found a new cell or a better trajectory to one."""
+    start: dict[str, int] = field(default_factory=dict)
+    """The allocation the trajectory starts from at reset (empty: the env's own initial ranks)."""
     snapshot: dict[str, Any] | None = field(default=None, repr=False, compare=False)
     """env.get_state() at the end of the trajectory; kept in memory only, None for finished cells."""
     observation: dict[str, np.ndarray] | None = field(default=None, repr=False, compare=False)
@@ -137,10 +141,10 @@ class Archive:
     def load(cls, path: str | os.PathLike[str]) -> Archive:
         """Read an archive written by save(); entries come back without snapshots."""
         data = json.loads(Path(path).read_text())
-        if data.get("format") != ARCHIVE_FORMAT or data.get("version") != ARCHIVE_VERSION:
+        if data.get("format") != ARCHIVE_FORMAT or data.get("version") not in (1, ARCHIVE_VERSION):
             raise ValueError(
                 f"{path} is not a Go-Explore archive: format={data.get('format')!r}, version={data.get('version')!r}; "
-                f"expected format={ARCHIVE_FORMAT!r}, version={ARCHIVE_VERSION}"
+                f"expected format={ARCHIVE_FORMAT!r}, version 1 or {ARCHIVE_VERSION}"
             )
         archive = cls(data["improvement_bonus"], data["metadata"])
         for values in data["cells"]:

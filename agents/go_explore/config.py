@@ -22,6 +22,11 @@ class GoExploreConfig:
     (`agents.baselines.iterative_greedy_grows`) on the observed importance plus noise drawn once per
     exploration (`prior_noise`), the search's first exploration without noise, so the archive starts from that
     rule's own episode and explores around it."""
+    greedy_episode: bool = False
+    """Also train greedy-by-importance's allocation (read from the same probe, no search) for one episode, as
+    the search's second exploration, and keep its result as a candidate: the search then returns the better, on
+    validation data, of it and what it found (with moves='prior', iterative greedy's own episode is the first
+    exploration). Its trajectory starts from that allocation (`SearchResult.start`)."""
     prior_noise: float = 0.1
     """moves='prior': standard deviation of the Gaussian noise added to each module's importance (in [0, 1])."""
     importance_guided: bool = True
@@ -52,6 +57,7 @@ class GoExploreConfig:
             check_int("explore_steps", self.explore_steps, 1)
         check_number("keep_probability", self.keep_probability, 0, 1)
         check_bool("importance_guided", self.importance_guided)
+        check_bool("greedy_episode", self.greedy_episode)
         check_choice("moves", self.moves, ("modules", "groups", "prior"))
         check_number("prior_noise", self.prior_noise, 0)
         check_int("groups_per_step", self.groups_per_step, 1)

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 import gymnasium as gym
 import numpy as np
 
-from agents.baselines import iterative_greedy_action
+from agents.baselines import greedy, iterative_greedy_action
 from agents.go_explore.archive import Archive, CellEntry
 from agents.go_explore.cells import CellFunction, DepthProfileCell
 from agents.go_explore.config import GoExploreConfig
@@ -130,6 +130,7 @@ class GoExplore:
         self.archive = archive = Archive(self.config.improvement_bonus, metadata)
         observation, info = base.reset(seed=seed)
         archive.add(self._entry(base, observation, info, [], finished=False))
+        greedy_start = self._greedy_start(base, seed) if self.config.greedy_episode else None
         # no more explorers than whole episodes the budget pays for, so that explorations can reach the end
         width = min(self.config.parallel, self.config.max_optimizer_steps // (cost * base.config.decisions))
         if width <= 1:
@@ -147,6 +148,11 @@ class GoExplore:
             room = (self.config.max_optimizer_steps - spent) // cost
             for i, explorer in enumerate(explorers):  # an idle explorer starts from a selected cell
                 if i in runs or exhausted or len(runs) >= room:
+                    continue
+                if greedy_start is not None and explorations == 1:  # greedy's allocation, kept for one episode
+                    explorer.set_state(greedy_start.snapshot)
+                    runs[i] = _Exploration(explorer, greedy_start, greedy_start.observation, [], fixed=True)
+                    explorations += 1
                     continue
                 source = archive.select(rng)
                 if source is None:
@@ -168,16 +174,17 @@ class GoExplore:
                 run.observation, run.taken, run.done = observation, run.taken + 1, finished
                 run.trajectory.append([int(a) for a in action])
                 cell, score = self.cell(run.explorer), _score(info["loss"])
-                if archive.accepts(cell, score, info["optimizer_steps"]):
+                if (finished or not run.fixed) and archive.accepts(cell, score, info["optimizer_steps"]):
+                    start = run.source.start
                     run.found |= archive.add(
-                        self._entry(run.explorer, observation, info, run.trajectory, finished, cell)
+                        self._entry(run.explorer, observation, info, run.trajectory, finished, cell, start)
                     )
             spent += cost * len(active)
             out_of_budget = spent + cost > self.config.max_optimizer_steps
             for i in sorted(runs):
                 run = runs[i]
                 if run.done or run.taken >= limit or out_of_budget:
-                    if run.found:  # look the cell up again: a custom cell function may have replaced `source`
+                    if run.found and not run.fixed:  # look the cell up again: a cell function may replace `source`
                         archive[run.source.cell].times_improved += 1
                     history.append((spent, archive.best().loss))
                     if progress is not None:
@@ -191,11 +198,20 @@ class GoExplore:
             loss=best.loss,
             history=history,
             trajectory=[list(a) for a in best.trajectory],
+            start=dict(best.start),
         )
+
+    def _greedy_start(self, base: Any, seed: int) -> CellEntry:
+        """The state `reset(seed)` gives with greedy-by-importance's allocation, outside the archive."""
+        allocation = greedy(base, seed=seed).allocation
+        observation, info = base.reset(seed=seed, options={"allocation": allocation})
+        return self._entry(base, observation, info, [], finished=False, start=allocation)
 
     def _action(self, run: _Exploration, rng: np.random.Generator) -> np.ndarray:
         """The policy's action, or a random one; group moves are kept in `run.moves` to be repeated."""
         masks = run.explorer.action_masks()
+        if run.fixed:
+            return np.full(masks.size // 3, KEEP, dtype=np.int64)
         if self.policy is not None:
             action, _ = self.policy.predict(run.observation, action_masks=masks, deterministic=False)
             return np.asarray(action, dtype=np.int64).reshape(-1)
@@ -219,6 +235,7 @@ class GoExplore:
         trajectory: list[list[int]],
         finished: bool,
         cell: tuple[int, ...] | None = None,
+        start: dict[str, int] | None = None,
     ) -> CellEntry:
         return CellEntry(
             cell=cell if cell is not None else self.cell(base),
@@ -230,6 +247,7 @@ class GoExplore:
             finished=finished,
             snapshot=None if finished else base.get_state(),
             observation=None if finished else {k: v.copy() for k, v in observation.items()},
+            start=dict(start or {}),
         )
 
 
@@ -245,6 +263,8 @@ class _Exploration:
     """This exploration's group moves (moves='groups')."""
     noise: np.ndarray | None = None
     """This exploration's noise on the importance (moves='prior')."""
+    fixed: bool = False
+    """Keeps every rank (greedy's episode, `greedy_episode`); only its final state enters the archive."""
     taken: int = 0
     done: bool = False
     found: bool = False

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agents.baselines import greedy_iterative
+from agents.baselines import greedy, greedy_iterative
 from agents.go_explore import (
     Archive,
     CellEntry,
@@ -286,10 +286,44 @@ def test_prior_exploration_starts_with_iterative_greedys_episode_and_explores_ar
     assert GoExplore(agent.config).run(env, seed=SEED) == result
 
 
+@pytest.mark.parametrize("parallel", [1, 2])
+def test_greedy_episode_is_a_candidate_that_replays_from_its_start(parallel: int) -> None:
+    """With `greedy_episode`, the second exploration keeps greedy-by-importance's allocation for a whole episode
+    from reset: its result enters the archive (finished, starting from that allocation), replays on the lone
+    env, and the search returns the better of it and iterative greedy's own episode."""
+    env = RankAllocationEnv(decisions=8, inner_steps=1)
+    episode = env.config.decisions * env.config.inner_steps
+    config = GoExploreConfig(max_optimizer_steps=2 * episode, moves="prior", greedy_episode=True, parallel=parallel)
+    agent = GoExplore(config)
+    result = agent.run(env, seed=SEED)
+    allocation = greedy(env, seed=SEED).allocation
+    assert allocation != greedy_iterative(env, seed=SEED).allocation  # two different candidates on this instance
+    [entry] = [e for e in agent.archive if e.start]
+    assert entry.finished and entry.start == entry.allocation == allocation
+    assert entry.trajectory == [[KEEP] * env.config.max_modules] * env.config.decisions
+    _, info = env.reset(seed=SEED, options={"allocation": entry.start})
+    for action in entry.trajectory:
+        _, _, _, _, info = env.step(np.array(action))
+    assert info["loss"] == pytest.approx(entry.loss, rel=1e-5) and info["allocation"] == allocation
+    finished = [e.loss for e in agent.archive if e.finished]
+    assert len(finished) == 2 and result.loss == min(finished) and result.optimizer_steps == 2 * episode
+    assert result.start == (allocation if result.loss == entry.loss else {})
+
+
+def test_a_version_1_archive_loads_with_no_start(tmp_path: Any) -> None:
+    path = tmp_path / "archive.json"
+    entry = _entry((0,), -1.0).to_dict()
+    del entry["start"]
+    path.write_text(json.dumps({"format": "strato-go-explore-archive", "version": 1, "improvement_bonus": 0.1,
+                                "metadata": {}, "cells": [entry]}))  # fmt: skip
+    assert Archive.load(path)[(0,)].start == {}
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [
         ("max_optimizer_steps", 0),
+        ("greedy_episode", 1),
         ("prior_noise", -0.1),
         ("explore_steps", 0),
         ("keep_probability", 1.5),
