@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,9 +106,12 @@ class Archive:
         chosen = 1 + entry.times_chosen
         return 1 / np.sqrt(chosen) + self.improvement_bonus * entry.times_improved / chosen
 
-    def select(self, rng: np.random.Generator) -> CellEntry | None:
-        """Draw an unfinished cell with probability proportional to its weight; None if there is none."""
-        candidates = [e for e in self.entries.values() if not e.finished]
+    def select(
+        self, rng: np.random.Generator, explorable: Callable[[CellEntry], bool] | None = None
+    ) -> CellEntry | None:
+        """Draw an unfinished cell (one that `explorable` accepts, if given) with probability proportional to its
+        weight; None if there is none."""
+        candidates = [e for e in self.entries.values() if not e.finished and (explorable is None or explorable(e))]
         if not candidates:
             return None
         weights = np.array([self.weight(e) for e in candidates])

@@ -17,7 +17,7 @@ from agents.go_explore.config import GoExploreConfig
 from agents.result import SearchResult
 from strato_env.env import GROW, KEEP, SHRINK, check_action
 from strato_env.episodes import EpisodeBatch
-from strato_env.observation import DEPTH, IMPORTANCE, KINDS, PRESENT, module_table
+from strato_env.observation import BUDGET_USED, DEPTH, GROW_COST, IMPORTANCE, KINDS, PRESENT, module_table
 
 
 class Policy(Protocol):
@@ -154,7 +154,7 @@ class GoExplore:
                     runs[i] = _Exploration(explorer, greedy_start, greedy_start.observation, [], fixed=True)
                     explorations += 1
                     continue
-                source = archive.select(rng)
+                source = archive.select(rng, self._explorable)
                 if source is None:
                     exhausted = True
                     continue
@@ -200,6 +200,15 @@ class GoExplore:
             trajectory=[list(a) for a in best.trajectory],
             start=dict(best.start),
         )
+
+    def _explorable(self, entry: CellEntry) -> bool:
+        """Whether exploring from `entry` can lead anywhere new. With moves='prior' (and no policy) an exploration
+        only grows modules, so from a state where no grow fits the budget it would replay the same episode."""
+        if self.config.moves != "prior" or self.policy is not None or entry.observation is None:
+            return True
+        modules, global_ = module_table(entry.observation["modules"]), entry.observation["global"]
+        costs = modules[:, GROW_COST]
+        return bool(np.any((costs > 0) & (global_[BUDGET_USED] + costs <= 1 + 1e-6)))
 
     def _greedy_start(self, base: Any, seed: int) -> CellEntry:
         """The state `reset(seed)` gives with greedy-by-importance's allocation, outside the archive."""

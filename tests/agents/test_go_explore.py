@@ -286,6 +286,33 @@ def test_prior_exploration_starts_with_iterative_greedys_episode_and_explores_ar
     assert GoExplore(agent.config).run(env, seed=SEED) == result
 
 
+def test_prior_exploration_never_returns_to_a_state_where_no_grow_fits() -> None:
+    """moves='prior' only grows, so exploring from a state whose budget has no room for any grow would replay
+    its episode: such cells stay in the archive but are never selected."""
+    sources: list[dict[str, int]] = []
+
+    class Recording(GoExplore):
+        def _action(self, run: Any, rng: np.random.Generator) -> np.ndarray:
+            if run.taken == 0:
+                sources.append(run.source.allocation)
+            return super()._action(run, rng)
+
+    env = RankAllocationEnv(decisions=8, inner_steps=1)
+    episode = env.config.decisions * env.config.inner_steps
+    agent = Recording(GoExploreConfig(max_optimizer_steps=8 * episode, moves="prior", prior_noise=0.3, parallel=1))
+    agent.run(env, seed=SEED)
+
+    def room_to_grow(allocation: dict[str, int]) -> bool:
+        return any(
+            rank < env.ladder[-1]
+            and env.params_of(allocation | {name: env.ladder[env.ladder.index(rank) + 1]}) <= env.budget
+            for name, rank in allocation.items()
+        )
+
+    assert any(not room_to_grow(entry.allocation) for entry in agent.archive if not entry.finished)
+    assert len(sources) > 1 and all(room_to_grow(allocation) for allocation in sources)
+
+
 @pytest.mark.parametrize("parallel", [1, 2])
 def test_greedy_episode_is_a_candidate_that_replays_from_its_start(parallel: int) -> None:
     """With `greedy_episode`, the second exploration keeps greedy-by-importance's allocation for a whole episode
