@@ -21,7 +21,8 @@ class GoExploreConfig:
     all of it one way; 'modules' moves every module on its own; 'prior' follows iterative greedy's rule
     (`agents.baselines.iterative_greedy_grows`) on the observed importance plus noise drawn once per
     exploration (`prior_noise`), the search's first exploration without noise, so the archive starts from that
-    rule's own episode and explores around it."""
+    rule's own episode and explores around it. That rule only grows, so 'prior' never returns to a state where no
+    grow fits the budget (the exploration would replay its episode)."""
     greedy_episode: bool = False
     """Also train greedy-by-importance's allocation (read from the same probe, no search) for one episode, as
     the search's second exploration, and keep its result as a candidate: the search then returns the better, on
