@@ -183,7 +183,7 @@ class GoExplore:
             out_of_budget = spent + cost > self.config.max_optimizer_steps
             for i in sorted(runs):
                 run = runs[i]
-                if run.done or run.taken >= limit or out_of_budget:
+                if run.done or run.taken >= limit and not run.fixed or out_of_budget:
                     if run.found and not run.fixed:  # look the cell up again: a cell function may replace `source`
                         archive[run.source.cell].times_improved += 1
                     history.append((spent, archive.best().loss))
@@ -273,7 +273,8 @@ class _Exploration:
     noise: np.ndarray | None = None
     """This exploration's noise on the importance (moves='prior')."""
     fixed: bool = False
-    """Keeps every rank (greedy's episode, `greedy_episode`); only its final state enters the archive."""
+    """Keeps every rank to the episode's end (greedy's episode, `greedy_episode`, whatever `explore_steps`); only its
+    final state enters the archive."""
     taken: int = 0
     done: bool = False
     found: bool = False
