@@ -177,10 +177,10 @@ def main() -> None:
         flops[name] = decision_flops(envs) / seconds / 1e9
         memory[width] = rss_gib()
         if width == 16:
-            bound = width / timed(frozen_decision(envs), args.decisions)
+            frozen_rate = width / timed(frozen_decision(envs), args.decisions)
         del envs
     if 16 in memory:
-        rates["(d) frozen base alone N=16"] = bound
+        rates["(d) frozen base alone N=16"] = frozen_rate
 
     print(f"\n{'side':<26}{'decisions/s':>12}{'speedup':>10}{'GFLOP/s':>10}{'of roofline':>13}")
     for name, rate in rates.items():
