@@ -13,6 +13,7 @@ from strato_env.validation import check_choice, check_int, check_number, fail, i
 
 PLANTED_PROFILES = ("top-heavy", "bottom-heavy", "attention-only", "mlp-only", "random-sparse", "generated")
 TASK_NAMES = ("planted", "causal_lm", "classification", "seq2seq")
+PROBES = ("single", "joint")
 
 
 def from_dict(cls: type, values: dict[str, Any], where: str = "") -> Any:
@@ -172,8 +173,14 @@ class EnvConfig:
     divergence_penalty: float = 1.0
     """Reward subtracted on the step where the loss becomes NaN/inf (the episode then terminates)."""
     probe_steps: int = 10
-    """Optimizer steps of the once-per-instance probe of each module alone (0: no probe, importance is the
-    plain gradient norm)."""
+    """Optimizer steps of the once-per-instance probe behind the importance feature (0: no probe, importance is
+    the plain gradient norm)."""
+    probe: str = "single"
+    """How the probe measures what each module can gain. 'single': a rank-r_max update on each module alone,
+    trained for `probe_steps` steps; the gain is the relative drop of the evaluation loss (`probe_steps` optimizer
+    steps per module). 'joint': one rank-r_max update on every module at once, trained for `probe_steps` steps;
+    a module's gain is the relative rise of the evaluation loss when its update alone is removed (`probe_steps`
+    optimizer steps in all, and one evaluation per module), so modules are judged alongside the others."""
     importance_smoothing: float = 0.7
     """Weight of the previous importance in its exponential moving average."""
     device: str = "cpu"
@@ -206,6 +213,7 @@ class EnvConfig:
             check_int(name, getattr(self, name), 1)
         check_number("learning_rate", self.learning_rate, 0, low_open=True)
         check_int("probe_steps", self.probe_steps, 0)
+        check_choice("probe", self.probe, PROBES)
         for name in ("cost_weight", "weight_decay", "divergence_penalty"):
             check_number(name, getattr(self, name), 0)
         check_number("importance_smoothing", self.importance_smoothing, 0, 1, high_open=True)
@@ -240,6 +248,10 @@ class EnvConfig:
 
         model = self.model if is_tiny_preset(self.model) else os.path.basename(self.model.rstrip("/")) or self.model
         return f"{model}/{task.name}/{detail}"
+
+    def probe_optimizer_steps(self, modules: int) -> int:
+        """Optimizer steps of the probe on a model with `modules` target modules."""
+        return self.probe_steps * (1 if self.probe == "joint" else modules)
 
     @property
     def protocol(self) -> TrainingProtocol:

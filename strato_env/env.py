@@ -148,7 +148,8 @@ class RankAllocationEnv(gym.Env):
     | cost_weight     | 0.001        | lambda of the reward                                            |
     | decisions       | 8            | decisions per episode                                           |
     | inner_steps     | 20           | optimizer steps per decision                                    |
-    | probe_steps     | 10           | steps of the once-per-instance probe of each module alone       |
+    | probe_steps     | 10           | steps of the once-per-instance importance probe                 |
+    | probe           | "single"     | probe each module alone, or all together and remove one at a time |
     | ...             |              | every other field of `strato_env.config.EnvConfig`              |
 
     `info` holds `loss`, `initial_loss`, `params`, `budget`, `flops_per_token`, `adapter_bytes`,
@@ -300,8 +301,9 @@ class RankAllocationEnv(gym.Env):
     @property
     def probe_optimizer_steps(self) -> int:
         """Optimizer steps of the once-per-instance probe behind the importance feature (`probe_steps` on each
-        module alone). It is cached per instance and not counted in `total_optimizer_steps`."""
-        return self.config.probe_steps * len(self.modules)
+        module alone, or `probe_steps` in all with `probe='joint'`). It is cached per instance and not counted in
+        `total_optimizer_steps`."""
+        return self.config.probe_optimizer_steps(len(self.modules))
 
     @property
     def decisions_made(self) -> int:

@@ -42,11 +42,14 @@ SHARED_FIELDS = (
     "weight_decay",
     "max_modules",
     "probe_steps",
+    "probe",
     "importance_smoothing",
 )
 """EnvConfig fields every sub-episode of one batch shares (they train in lockstep on one base model); the
 task, budget, cost_weight, divergence_penalty and initial_rank may differ."""
 STATE_KEYS = ("episode", "lora", "np_random", "generator")
+PROBE_WIDTH = 16
+"""Module removals the joint probe evaluates together."""
 
 
 def data_order(rng: np.random.Generator, pool_size: int, total: int) -> np.ndarray:
@@ -259,10 +262,12 @@ class EpisodeBatch:
     def _cached_probe(self, instance: Instance) -> tuple[np.ndarray, np.ndarray]:
         """(||dL/dW|| at the base model, probe gain per module): depend on the instance only, so paid once.
 
-        The probe trains a rank-r_max update on each module alone for `probe_steps` steps (all modules at
-        once, one episode each) and records each one's relative drop of the evaluation loss."""
+        The probe (`EnvConfig.probe`) trains rank-r_max updates for `probe_steps` steps: on each module alone
+        ('single', all modules at once, one episode each; a module's gain is its relative drop of the evaluation
+        loss) or on every module together ('joint'; a module's gain is the relative rise of the evaluation loss
+        when its update is removed)."""
         c = self.config
-        key = (c.protocol, c.probe_steps)
+        key = (c.protocol, c.probe, c.probe_steps)
         if key not in instance.probes:
             data, n = instance.data, instance.data.train_size
             order = np.arange(max(c.probe_steps, 1) * c.batch_size) % n
@@ -273,15 +278,39 @@ class EpisodeBatch:
             norms = recorded[0].double().cpu().numpy()
             gains = norms
             if c.probe_steps:
-                top = self.ladder[-1]
-                starts = [
-                    ([top if k == j else 0 for k in range(len(self.modules))], 0) for j in range(len(self.modules))
-                ]
-                losses = self._train_apart(data, starts, [order] * len(starts), c.probe_steps)
-                drops = (initial - losses) / initial if initial > 0 else np.zeros_like(losses)
-                gains = np.where(np.isfinite(drops), np.maximum(drops, 0.0), 0.0)
+                if c.probe == "joint":
+                    joint, removed = self._removal_losses(data, order)
+                    changes = (removed - joint) / initial if initial > 0 else np.zeros_like(removed)
+                else:
+                    top = self.ladder[-1]
+                    starts = [
+                        ([top if k == j else 0 for k in range(len(self.modules))], 0) for j in range(len(self.modules))
+                    ]
+                    losses = self._train_apart(data, starts, [order] * len(starts), c.probe_steps)
+                    changes = (initial - losses) / initial if initial > 0 else np.zeros_like(losses)
+                gains = np.where(np.isfinite(changes), np.maximum(changes, 0.0), 0.0)
             instance.probes[key] = (norms, gains)
         return instance.probes[key]
+
+    def _removal_losses(self, data: TaskData, order: np.ndarray) -> tuple[float, np.ndarray]:
+        """The joint probe: one rank-r_max update on every module, trained for `probe_steps` steps in row order
+        `order`. Returns its evaluation loss and, for each module j, the evaluation loss with module j's update
+        removed (PROBE_WIDTH removals evaluated together)."""
+        c, modules = self.config, len(self.modules)
+        joint = self._new_lora(1)
+        joint.reset(0, [self.ladder[-1]] * modules, torch.Generator(c.device).manual_seed(0))
+        for step in range(c.probe_steps):
+            train_step(self.target, joint, self.loss, [self.training_batch(data, order, step)], [0])
+        trained = joint.snapshot(0)
+        losses = []
+        for first in range(0, modules, PROBE_WIDTH):
+            removed = range(first, min(first + PROBE_WIDTH, modules))
+            lora = self._new_lora(len(removed))
+            for k, module in enumerate(removed):
+                lora.restore(k, trained)
+                lora.set_rank(k, module, 0)
+            losses.append(evaluate_losses(self.target, lora, [data] * len(removed), c.batch_size))
+        return float(evaluate_losses(self.target, joint, [data], c.batch_size)[0]), np.concatenate(losses)
 
     def static_losses(
         self, i: int, allocations: Sequence[dict[str, int]], seeds: Sequence[int], split: str = "eval"

@@ -59,7 +59,7 @@ class BatchedVecEnv(VecEnv):
         """Optimizer steps of the importance probes of the distinct instances played (each cached per instance,
         and not in `total_optimizer_steps`)."""
         probes = {
-            instance_key(sub.config): sub.config.probe_steps * len(batch.modules)
+            instance_key(sub.config): sub.config.probe_optimizer_steps(len(batch.modules))
             for batch, _ in self.groups
             for sub in batch.subs
         }

@@ -55,6 +55,33 @@ def test_the_probe_rates_planted_modules_above_unplanted_ones(profile):
     assert auc >= 0.75, auc
 
 
+def test_the_joint_probe_rates_modules_alongside_each_other():
+    """On a generated instance, where a module alone makes up for much of a change planted elsewhere (so the
+    single-module probe ranks some unplanted modules high), removing one module's update from a joint one ranks
+    every planted module first."""
+    task = {"profile": "generated", "data_seed": 10}
+    aucs = {}
+    for probe, steps in (("single", 10), ("joint", 80)):
+        env = RankAllocationEnv(task=task, decisions=1, inner_steps=1, probe_steps=steps, probe=probe)
+        observation, info = env.reset(seed=0)
+        importance = module_table(observation["modules"])[: len(env.modules), IMPORTANCE]
+        planted = np.array([info["oracle_allocation"][m.name] > 0 for m in env.modules])
+        pairs = [(a, b) for a in importance[planted] for b in importance[~planted]]
+        aucs[probe] = np.mean([1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs])
+        assert env.probe_optimizer_steps == (80 if probe == "joint" else 10 * len(env.modules))
+    assert aucs["joint"] == 1.0 > aucs["single"], aucs
+
+
+def test_single_and_joint_probes_of_one_instance_are_cached_apart():
+    gains = {}
+    for probe in ("single", "joint", "single"):
+        env = RankAllocationEnv(decisions=1, inner_steps=1, probe_steps=2, probe=probe)
+        gains.setdefault(probe, []).append(env.batch.subs[0].probe_gains)
+    assert np.array_equal(*gains["single"])  # the instance's cached probe, read again
+    assert not np.allclose(gains["single"][0], gains["joint"][0])
+    assert (gains["joint"][0] >= 0).all() and np.isfinite(gains["joint"][0]).all()
+
+
 def test_grow_cost_and_cost_ahead_price_each_modules_next_ladder_step_in_the_order_of_importance():
     env = RankAllocationEnv(decisions=2, inner_steps=1, probe_steps=1, max_modules=20)
     ladder, modules = env.ladder, env.modules

@@ -150,3 +150,8 @@ def test_unknown_hub_id_fails_at_once_when_the_hub_cannot_be_reached(monkeypatch
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ValueError, match=r"hub cannot be reached \(HF_HUB_OFFLINE is set\)"):
         load_config("no-such-org/no-such-model")
+
+
+def test_unknown_probe_is_refused_before_any_work():
+    with pytest.raises(ValueError, match=r"probe='pairs' is invalid.*'single'.*'joint'"):
+        EnvConfig(probe="pairs")
