@@ -148,8 +148,8 @@ class RankAllocationEnv(gym.Env):
     | cost_weight     | 0.001        | lambda of the reward                                            |
     | decisions       | 8            | decisions per episode                                           |
     | inner_steps     | 20           | optimizer steps per decision                                    |
-    | probe_steps     | 10           | steps of the once-per-instance importance probe                 |
-    | probe           | "single"     | probe each module alone, or all together and remove one at a time |
+    | probe_steps     | 80           | steps of the once-per-instance importance probe                 |
+    | probe           | "joint"      | probe all modules together and remove one at a time, or each alone |
     | ...             |              | every other field of `strato_env.config.EnvConfig`              |
 
     `info` holds `loss`, `initial_loss`, `params`, `budget`, `flops_per_token`, `adapter_bytes`,

@@ -172,7 +172,12 @@ def test_a_run_interrupted_mid_training_stays_marked_unfinished_with_the_reason(
         time.sleep(0.05)
     time.sleep(1.0)
     process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)
+    try:
+        _, stderr = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:  # never leave a training process behind the suite
+        process.kill()
+        _, stderr = process.communicate()
+        pytest.fail(f"strato train kept running 60 s after SIGINT; its stderr ends: {stderr[-2000:].decode()}")
     assert process.returncode != 0 and b"KeyboardInterrupt" in stderr
     marker = (run / UNFINISHED).read_text()
     assert marker.startswith("interrupted after") and "KeyboardInterrupt" in marker

@@ -46,7 +46,7 @@ def test_evaluate_allocation_is_an_episode_that_keeps_that_allocation():
 @pytest.mark.parametrize("profile", ["top-heavy", "mlp-only"])
 def test_the_probe_rates_planted_modules_above_unplanted_ones(profile):
     """The importance at reset ranks the modules the teacher changed above those it did not (ROC AUC)."""
-    env = RankAllocationEnv(task={"profile": profile}, decisions=1, inner_steps=1, probe_steps=10)
+    env = RankAllocationEnv(task={"profile": profile}, decisions=1, inner_steps=1, probe="single", probe_steps=10)
     observation, info = env.reset(seed=0)
     importance = module_table(observation["modules"])[: len(env.modules), IMPORTANCE]
     planted = np.array([info["oracle_allocation"][m.name] > 0 for m in env.modules])
