@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from sb3_contrib import MaskablePPO
 from scipy import stats
 
 from strato_env.costs import uniform_rank_for_budget
@@ -43,36 +42,6 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float]:
     if len(finite) < 2:
         return float(finite[0]), math.nan
     return float(np.mean(finite)), float(stats.t.ppf(0.975, len(finite) - 1) * stats.sem(finite))
-
-
-def run_policy_episode(model, env: RankAllocationEnv, seed: int, deterministic: bool = True) -> dict:
-    """One episode of an SB3 policy (masked for MaskablePPO): its loss, allocation, actions and decisions."""
-    observation, info = env.reset(seed=seed)
-    actions, decisions, total_reward, done = [], [], 0.0, False
-    while not done:
-        kwargs = {"action_masks": env.action_masks()} if isinstance(model, MaskablePPO) else {}
-        action, _ = model.predict(observation, deterministic=deterministic, **kwargs)
-        observation, reward, terminated, truncated, info = env.step(action)
-        actions.append([int(a) for a in action])
-        total_reward += reward
-        done = terminated or truncated
-        decisions.append(
-            {
-                "decision": len(actions),
-                "optimizer_steps": info["optimizer_steps"],
-                "loss": info["loss"],
-                "params": info["params"],
-                "reward": reward,
-            }
-        )
-    return {
-        "loss": info["loss"],
-        "allocation": info["allocation"],
-        "params": info["params"],
-        "return": total_reward,
-        "actions": actions,
-        "decisions": decisions,
-    }
 
 
 def calibration_ratio(env: RankAllocationEnv, seed: int = 0, split: str = "eval") -> float:

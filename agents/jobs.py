@@ -12,9 +12,9 @@ import yaml
 from tqdm.auto import tqdm
 
 from agents.config import TrainConfig, merge
-from agents.evaluation import gap_closed, run_policy_episode, uniform_allocation, uniform_loss
+from agents.evaluation import gap_closed, uniform_allocation, uniform_loss
 from agents.ppo.meta import MetaTraining, meta_train
-from agents.ppo.train import EpisodeLog, load_policy, save_policy
+from agents.ppo.train import EpisodeLog, load_policy, run_policy_episode, save_policy
 from agents.runs import RunFolder, learning_curve, loss_versus_params, rank_heatmap
 from strato_env.config import EnvConfig, from_dict
 from strato_env.env import RankAllocationEnv

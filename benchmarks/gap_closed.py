@@ -15,9 +15,9 @@ import time
 
 import numpy as np
 
-from agents.evaluation import gap_closed, run_policy_episode, uniform_loss
+from agents.evaluation import gap_closed, uniform_loss
 from agents.go_explore import GoExplore, GoExploreConfig
-from agents.ppo.train import load_policy
+from agents.ppo.train import load_policy, run_policy_episode
 from strato_env.engine import keep_freed_memory
 from strato_env.env import RankAllocationEnv
 from strato_env.observation import slots_of

@@ -28,10 +28,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from agents.bench.config import BenchConfig
-from agents.evaluation import run_policy_episode
 from agents.methods import METHODS
 from agents.ppo.meta import meta_train
-from agents.ppo.train import load_policy, policy_bytes
+from agents.ppo.train import load_policy, policy_bytes, run_policy_episode
 from strato_env.config import from_dict
 from strato_env.env import RankAllocationEnv
 

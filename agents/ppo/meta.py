@@ -17,7 +17,7 @@ from torch.nn import functional as F
 
 from agents import baselines
 from agents.go_explore import GoExplore, GoExploreConfig
-from agents.ppo.train import PolicyConfig, build_algorithm, load_policy, policy_bytes
+from agents.ppo.train import PolicyConfig, build_algorithm, load_policy, policy_bytes, start_allocation
 from agents.ppo.vec_env import BatchedVecEnv
 from strato_env.config import EnvConfig
 from strato_env.env import GROW, KEEP, SHRINK, RankAllocationEnv
@@ -294,8 +294,12 @@ def meta_train(
     if settings.warm_start == "go_explore":  # a search must pay for one whole episode on every instance
         episode = max(config.decisions * config.inner_steps for config in train)
         check_int("warm_start_search_steps", settings.warm_start_search_steps, episode)
-    vec_env = BatchedVecEnv(train, settings.n_envs)
-    validation_env = BatchedVecEnv(validation, len(validation)) if validation else None
+
+    def starts(configs: Sequence[EnvConfig]) -> list[dict[str, int] | None]:
+        return [start_allocation(settings.start, RankAllocationEnv(config)) for config in configs]
+
+    vec_env = BatchedVecEnv(train, settings.n_envs, starts(train))
+    validation_env = BatchedVecEnv(validation, len(validation), starts(validation)) if validation else None
     model = build_algorithm(algorithm, settings, vec_env, seed, tensorboard_log=tensorboard_log)
     record = warm_start(model, vec_env, train, settings, seed) if settings.warm_start != "none" else None
     checkpoints = ValidationCheckpoints(validation_env, settings.eval_every)

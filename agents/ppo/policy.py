@@ -8,7 +8,9 @@ logits come from the same head applied to [slot, context]. Padding slots can onl
 logits are masked, so they add nothing to the log-probability or the entropy. With `prior='greedy_iterative'`
 every slot also reads whether iterative greedy would grow it now (computed from the observation, as
 `agents.baselines.iterative_greedy_grows`), so the policy can learn where to depart from that rule (a residual
-on a heuristic) instead of relearning it. Plugged into SB3 through a policy subclass (for PPO, A2C, TRPO and
+on a heuristic) instead of relearning it. With `start='greedy'` the policy's episodes start from greedy-by-importance's
+allocation (the policy refines it) instead of the env's initial rank; the policy carries that setting, so it is
+applied the way it was trained. Plugged into SB3 through a policy subclass (for PPO, A2C, TRPO and
 sb3-contrib's MaskablePPO), not a fork of the algorithm.
 """
 
@@ -27,6 +29,7 @@ from strato_env.observation import GLOBAL_FEATURES, MODULE_FEATURES, PRESENT, mo
 
 ARCHITECTURES = ("attention", "mean")
 PRIORS = ("greedy_iterative", "none")
+STARTS = ("empty", "greedy")
 HEADS = 4
 """Attention heads of the `attention` architecture (`hidden` must be a multiple)."""
 LAYERS = 2
@@ -128,10 +131,20 @@ class SlotActionHead(nn.Module):
 class SlotPolicyMixin:
     """Builds the slot network and the per-slot action head in place of SB3's MLPs."""
 
-    def __init__(self, *args, hidden: int = 64, architecture: str = "attention", prior: str = "none", **kwargs) -> None:
+    def __init__(
+        self,
+        *args,
+        hidden: int = 64,
+        architecture: str = "attention",
+        prior: str = "none",
+        start: str = "empty",
+        **kwargs,
+    ) -> None:
         self.hidden = hidden
         self.architecture = architecture
         self.prior = prior
+        self.start = start
+        """Where the policy's episodes start (`STARTS`); the network does not read it."""
         kwargs.setdefault("features_extractor_class", SlotFeatures)
         super().__init__(*args, **kwargs)
 
@@ -146,7 +159,7 @@ class SlotPolicyMixin:
         self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
 
     def _get_constructor_parameters(self) -> dict:
-        own = {"hidden": self.hidden, "architecture": self.architecture, "prior": self.prior}
+        own = {"hidden": self.hidden, "architecture": self.architecture, "prior": self.prior, "start": self.start}
         return {**super()._get_constructor_parameters(), **own}
 
 

@@ -19,7 +19,9 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.vec_env import VecEnv
 
-from agents.ppo.policy import ARCHITECTURES, HEADS, PRIORS, MaskableSlotPolicy, SlotPolicy
+from agents import baselines
+from agents.ppo.policy import ARCHITECTURES, HEADS, PRIORS, STARTS, MaskableSlotPolicy, SlotPolicy
+from strato_env.env import RankAllocationEnv
 from strato_env.files import write_atomic
 from strato_env.observation import OBSERVATION_VERSION
 from strato_env.validation import check_choice, check_int, check_number
@@ -61,6 +63,11 @@ class PolicyConfig:
     """A heuristic every slot reads as an input: 'greedy_iterative' (whether iterative greedy would grow the
     module now, computed from the observation), so the policy learns where to depart from that rule instead of
     relearning it; 'none'."""
+    start: str = "empty"
+    """Where the policy's episodes start: 'empty' (the env's `initial_rank`, 0 by default: the policy grows every
+    rank) or 'greedy' (greedy-by-importance's allocation, read from the instance's probe at no optimizer step:
+    the policy refines it, and an episode that keeps every module is greedy's own static run). The saved policy
+    carries it (`run_policy_episode` starts there)."""
     warm_start: str = "greedy_iterative"
     """Behaviour cloning of a teacher before reinforcement learning (the critic learns the teacher's returns):
     'greedy_iterative' (the iterative greedy baseline's moves, which read only the observation: each decision
@@ -95,6 +102,7 @@ class PolicyConfig:
             check_number(name, getattr(self, name), 0, 1, low_open=True)
         check_choice("architecture", self.architecture, ARCHITECTURES)
         check_choice("prior", self.prior, PRIORS)
+        check_choice("start", self.start, STARTS)
         check_choice("warm_start", self.warm_start, WARM_STARTS)
         if self.architecture == "attention" and self.hidden % HEADS:
             raise ValueError(
@@ -241,7 +249,12 @@ def build_algorithm(
         verbose=0,
         tensorboard_log=tensorboard_log,
         device="cpu",
-        policy_kwargs={"hidden": config.hidden, "architecture": config.architecture, "prior": config.prior},
+        policy_kwargs={
+            "hidden": config.hidden,
+            "architecture": config.architecture,
+            "prior": config.prior,
+            "start": config.start,
+        },
     )
 
 
@@ -294,3 +307,41 @@ def load_policy(source: str | os.PathLike | bytes, env: gym.Env | None = None) -
     if isinstance(file, io.BytesIO):
         file.seek(0)
     return ALGORITHMS[meta["algorithm"]][0].load(file, env=env, device="cpu")
+
+
+def start_allocation(start: str, env: RankAllocationEnv, seed: int = 0) -> dict[str, int] | None:
+    """The allocation a policy with `start` (`PolicyConfig.start`) begins its episodes on `env` from (None: the
+    env's initial rank)."""
+    return baselines.greedy(env, seed=seed).allocation if start == "greedy" else None
+
+
+def run_policy_episode(model: BaseAlgorithm, env: RankAllocationEnv, seed: int, deterministic: bool = True) -> dict:
+    """One episode of an SB3 policy (masked for MaskablePPO), started where the policy starts: its loss,
+    allocation, actions and decisions."""
+    start = start_allocation(getattr(model.policy, "start", "empty"), env, seed)
+    observation, info = env.reset(seed=seed, options=None if start is None else {"allocation": start})
+    actions, decisions, total_reward, done = [], [], 0.0, False
+    while not done:
+        kwargs = {"action_masks": env.action_masks()} if isinstance(model, MaskablePPO) else {}
+        action, _ = model.predict(observation, deterministic=deterministic, **kwargs)
+        observation, reward, terminated, truncated, info = env.step(action)
+        actions.append([int(a) for a in action])
+        total_reward += reward
+        done = terminated or truncated
+        decisions.append(
+            {
+                "decision": len(actions),
+                "optimizer_steps": info["optimizer_steps"],
+                "loss": info["loss"],
+                "params": info["params"],
+                "reward": reward,
+            }
+        )
+    return {
+        "loss": info["loss"],
+        "allocation": info["allocation"],
+        "params": info["params"],
+        "return": total_reward,
+        "actions": actions,
+        "decisions": decisions,
+    }

@@ -28,10 +28,13 @@ class BatchedVecEnv(VecEnv):
     forward pass of the base per optimizer step); other instances get their own batch. SB3's conventions:
     an ended sub-episode is reset in the same step, its last observation in `info["terminal_observation"]`.
     The end of a fine-tuning run is reported as termination, not truncation (nothing follows it; see
-    `agents.ppo.train.RunEndIsTerminal`), so SB3 bootstraps no value past it.
+    `agents.ppo.train.RunEndIsTerminal`), so SB3 bootstraps no value past it. `starts[k]`, if given, is the
+    allocation every episode of `configs[k]` starts from (None: the env's initial rank).
     """
 
-    def __init__(self, configs: Sequence[EnvConfig], n_envs: int) -> None:
+    def __init__(
+        self, configs: Sequence[EnvConfig], n_envs: int, starts: Sequence[dict[str, int] | None] | None = None
+    ) -> None:
         if n_envs < len(configs):
             raise ValueError(
                 f"n_envs={n_envs} is smaller than the {len(configs)} training instances: every instance needs a "
@@ -42,6 +45,8 @@ class BatchedVecEnv(VecEnv):
             raise ValueError(f"all instances must share max_modules (same spaces); got {sorted(max_modules)}")
         slots = max_modules.pop()
         assigned = [configs[i % len(configs)] for i in range(n_envs)]
+        starts = [None] * len(configs) if starts is None else starts
+        self._starts = [starts[i % len(configs)] for i in range(n_envs)]
         groups: dict[str, list[int]] = {}
         for i, config in enumerate(assigned):
             groups.setdefault(_group_key(config), []).append(i)
@@ -72,7 +77,7 @@ class BatchedVecEnv(VecEnv):
     def reset(self) -> VecEnvObs:
         for batch, members in self.groups:
             seeds = [self._seeds[i] for i in members]
-            batch.start(range(len(members)), seeds, [None] * len(members))
+            batch.start(range(len(members)), seeds, [self._starts[i] for i in members])
             for j, i in enumerate(members):
                 self.reset_infos[i] = batch.info(j)
         self._reset_seeds()
@@ -97,7 +102,8 @@ class BatchedVecEnv(VecEnv):
                     infos[i]["terminal_observation"] = batch.observation(j)
                     ended.append(j)
             if ended:
-                batch.start(ended, [None] * len(ended), [None] * len(ended))  # one evaluation pass for all
+                # one evaluation pass for all
+                batch.start(ended, [None] * len(ended), [self._starts[members[j]] for j in ended])
         return self._observations(), rewards, dones, infos
 
     def close(self) -> None:

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 
 from agents import baselines
-from agents.evaluation import run_policy_episode
 from agents.ppo.meta import (
     greedy_targets,
     meta_train,
@@ -13,7 +12,7 @@ from agents.ppo.meta import (
     teacher_actions,
     validation_return,
 )
-from agents.ppo.train import PPOConfig
+from agents.ppo.train import PPOConfig, load_policy, policy_bytes, run_policy_episode
 from agents.ppo.vec_env import BatchedVecEnv
 from strato_env.config import EnvConfig, from_dict
 from strato_env.env import GROW, KEEP, SHRINK, RankAllocationEnv
@@ -53,14 +52,35 @@ def test_behaviour_cloning_reproduces_the_teachers_allocations_on_the_train_set(
         assert run_policy_episode(meta.model, env, seed=0)["allocation"] == expected
 
 
+def test_a_policy_started_from_greedys_allocation_that_learned_to_keep_it_is_greedy():
+    """start='greedy': every episode (teacher's, learner's, validation's, applied) begins at greedy's allocation; a
+    policy that keeps it trains exactly greedy's static adapter, and the saved policy keeps its start."""
+    settings = PPOConfig(n_envs=2, total_timesteps=2, n_steps=1, batch_size=2, start="greedy", warm_start="greedy",
+                         warm_start_epochs=200)  # fmt: skip
+    meta = meta_train("ppo", settings, TRAIN, VALIDATION, seed=0)
+    assert meta.warm_start["agreement"] == 1.0  # the teacher keeps every module where it starts
+    policy = load_policy(policy_bytes(meta.model))
+    assert policy.policy.start == "greedy"
+    for config in TRAIN + VALIDATION:
+        env = RankAllocationEnv(config)
+        greedy = baselines.greedy(env, seed=3).allocation
+        assert len(set(greedy.values())) > 1
+        episode = run_policy_episode(policy, env, seed=3)
+        assert episode["allocation"] == greedy
+        assert all(action == [KEEP] * len(action) for action in episode["actions"])
+        assert episode["loss"] == env.evaluate_allocation(greedy, seed=3)  # greedy's own static run
+
+
 def test_cloning_go_explores_best_episodes_reproduces_their_allocations_on_the_train_set():
     settings = PPOConfig(n_envs=2, total_timesteps=1, n_steps=1, batch_size=2, warm_start="go_explore",
                          warm_start_search_steps=24, warm_start_epochs=600)  # fmt: skip
-    meta = meta_train("ppo", settings, TRAIN, [], seed=0)
-    trajectories, search_steps = search_trajectories(TRAIN, 24, seed=0)
+    # the single probe: with it the searches find episodes other than the rule's on both instances
+    train = [dataclasses.replace(config, probe="single") for config in TRAIN]
+    meta = meta_train("ppo", settings, train, [], seed=0)
+    trajectories, search_steps = search_trajectories(train, 24, seed=0)
     assert meta.warm_start["search_optimizer_steps"] == search_steps == 2 * 24  # four episodes per instance
     assert meta.warm_start["agreement"] == 1.0
-    for config, moves in zip(TRAIN, trajectories, strict=True):
+    for config, moves in zip(train, trajectories, strict=True):
         env = RankAllocationEnv(config)
         env.reset(seed=0)
         for action in moves:

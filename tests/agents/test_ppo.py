@@ -8,7 +8,6 @@ import torch
 from stable_baselines3.common.callbacks import BaseCallback
 
 from agents.config import load_train_config
-from agents.evaluation import run_policy_episode
 from agents.ppo.policy import SlotActionHead
 from agents.ppo.train import (
     A2CConfig,
@@ -18,6 +17,7 @@ from agents.ppo.train import (
     build_algorithm,
     load_policy,
     policy_bytes,
+    run_policy_episode,
     save_policy,
 )
 from agents.ppo.vec_env import BatchedVecEnv
@@ -143,6 +143,8 @@ def test_bad_ppo_config_names_the_field():
         PPOConfig(architecture="lstm")
     with pytest.raises(ValueError, match=r"^hidden=30 is invalid: architecture='attention' has 4 heads"):
         PPOConfig(hidden=30)
+    with pytest.raises(ValueError, match=r"^start='full' is invalid: allowed: \['empty', 'greedy'\]"):
+        PPOConfig(start="full")
     allowed = r"allowed: \['greedy_iterative', 'greedy', 'go_explore', 'none'\]"
     with pytest.raises(ValueError, match=rf"^warm_start='bc' is invalid: {allowed}"):
         TRPOConfig(warm_start="bc")
