@@ -313,10 +313,12 @@ class BatchedLora:
             nn.init.kaiming_uniform_(rows, a=math.sqrt(5), generator=generator)
             A[episode, old:rank] = rows
         else:
-            new_B, new_A = truncated_factors(B[episode, :, :old], A[episode, :old], rank)
+            if rank:  # rank 0 keeps nothing, so needs no SVD (nor finite factors)
+                new_B, new_A = truncated_factors(B[episode, :, :old], A[episode, :old], rank)
             A[episode].zero_()
             B[episode].zero_()
-            A[episode, :rank], B[episode, :, :rank] = new_A, new_B
+            if rank:
+                A[episode, :rank], B[episode, :, :rank] = new_A, new_B
             for where in self._module_slices(module):  # the kept directions are a new basis
                 self.exp_avg[episode, where] = 0
                 self.exp_avg_sq[episode, where] = 0

@@ -57,6 +57,8 @@ def test_planted_encoders_match_every_layer_so_the_perturbed_layer_shows(profile
 def test_divergence_terminates_cleanly_with_the_penalty():
     env = RankAllocationEnv(learning_rate=1e8, decisions=4, inner_steps=5, divergence_penalty=2.0)
     observation, _ = env.reset(seed=0)
+    assert env.observation_space.contains(observation)  # the importance probe diverged too, and is read as no gain
+    assert np.all(env.batch.subs[0].probe_gains == 0)
     for _ in range(4):
         observation, reward, terminated, truncated, info = env.step(np.full(env.action_space.shape, GROW))
         assert env.observation_space.contains(observation)
