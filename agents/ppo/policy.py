@@ -8,10 +8,10 @@ logits come from the same head applied to [slot, context]. Padding slots can onl
 logits are masked, so they add nothing to the log-probability or the entropy. With `prior='greedy_iterative'`
 every slot also reads whether iterative greedy would grow it now (computed from the observation, as
 `agents.baselines.iterative_greedy_grows`), so the policy can learn where to depart from that rule (a residual
-on a heuristic) instead of relearning it. With `start='greedy'` the policy's episodes start from greedy-by-importance's
-allocation (the policy refines it) instead of the env's initial rank; the policy carries that setting, so it is
-applied the way it was trained. Plugged into SB3 through a policy subclass (for PPO, A2C, TRPO and
-sb3-contrib's MaskablePPO), not a fork of the algorithm.
+on a heuristic) instead of relearning it. With `start='greedy'` the policy's episodes start from
+greedy-by-importance's allocation (the policy refines it) instead of the env's initial rank; the policy carries
+that setting, so it is applied the way it was trained. Plugged into SB3 through a policy subclass (for PPO, A2C,
+TRPO and sb3-contrib's MaskablePPO), not a fork of the algorithm.
 """
 
 from __future__ import annotations
