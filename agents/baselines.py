@@ -1,4 +1,5 @@
-"""Baselines for the rank-allocation problem: uniform LoRA, random search, greedy by importance, AdaLoRA, Optuna TPE.
+"""Baselines for the rank-allocation problem: uniform LoRA, random search, greedy by importance or by estimated
+gain, AdaLoRA, Optuna TPE.
 
 Every baseline is `name(env, seed=0, max_optimizer_steps=None, **options) -> SearchResult`: given an
 instance and a budget (`env`), return an allocation within `env.budget` and the optimizer steps spent
@@ -304,6 +305,30 @@ def _importance(env: RankAllocationEnv, observation: dict[str, np.ndarray]) -> n
     return module_table(observation["modules"])[: len(env.modules), IMPORTANCE]
 
 
+def _probed_importance(
+    env: RankAllocationEnv, seed: int, max_optimizer_steps: int | None, method: str, probe: int
+) -> tuple[np.ndarray, int]:
+    """The importance greedy reads (after `reset(seed)`, or after `probe` decisions at the smallest nonzero rank)
+    and the optimizer steps that cost; the env's current episode is restored."""
+    check_int("probe_decisions", probe, 0, env.config.decisions)
+    steps = probe * env.config.inner_steps
+    limit = _step_limit(max_optimizer_steps, steps)
+    if steps > limit:
+        raise ValueError(
+            f"max_optimizer_steps={max_optimizer_steps} is invalid: {method} with probe_decisions={probe} needs "
+            f"{steps} steps"
+        )
+    smallest = {m.name: env.ladder[1] for m in env.modules}
+    start = smallest if probe and env.params_of(smallest) <= env.budget else {}
+    with _episode_restored(env):
+        observation, info = env.reset(seed=seed, options={"allocation": start})
+        for _ in range(probe):
+            observation, _, terminated, truncated, info = env.step(np.full(env.config.max_modules, KEEP))
+            if terminated or truncated:
+                break
+    return _importance(env, observation), int(info["optimizer_steps"])
+
+
 def greedy(
     env: RankAllocationEnv, seed: int = 0, max_optimizer_steps: int | None = None, **options: Any
 ) -> SearchResult:
@@ -316,24 +341,32 @@ def greedy(
     ladder rank (k * inner_steps optimizer steps, counted). The env's current episode is restored.
     """
     probe = _options(GreedyOptions, "greedy", options).probe_decisions
-    check_int("probe_decisions", probe, 0, env.config.decisions)
-    steps = probe * env.config.inner_steps
-    limit = _step_limit(max_optimizer_steps, steps)
-    if steps > limit:
-        raise ValueError(
-            f"max_optimizer_steps={max_optimizer_steps} is invalid: probe_decisions={probe} needs {steps} steps"
-        )
-    smallest = {m.name: env.ladder[1] for m in env.modules}
-    start = smallest if probe and env.params_of(smallest) <= env.budget else {}
-    with _episode_restored(env):
-        observation, info = env.reset(seed=seed, options={"allocation": start})
-        for _ in range(probe):
-            observation, _, terminated, truncated, info = env.step(np.full(env.config.max_modules, KEEP))
-            if terminated or truncated:
-                break
-    importance = _importance(env, observation)
+    importance, steps = _probed_importance(env, seed, max_optimizer_steps, "greedy", probe)
     index = _fill(env, [0] * len(env.modules), lambda fitting: max(fitting, key=lambda slot: importance[slot]))
-    return SearchResult("greedy", _allocation(env, index), int(info["optimizer_steps"]))
+    return SearchResult("greedy", _allocation(env, index), steps)
+
+
+def greedy_gain(
+    env: RankAllocationEnv, seed: int = 0, max_optimizer_steps: int | None = None, **options: Any
+) -> SearchResult:
+    """Greedy by estimated gain: each ladder step is worth the module's importance times the share of its probe
+    update that the step adds (`env.probe_energy`, the observation's GROW_SHARE), so a module whose update
+    has rank 4 stops growing near rank 4 and the budget goes to the next module.
+
+    Rule: start from rank 0 everywhere and repeatedly take the grow worth the most among those that fit the
+    budget (ties: the earlier module); stop when no grow fits. The importance is read as `greedy` reads it
+    (option `probe_decisions`); the env's current episode is restored.
+    """
+    probe = _options(GreedyOptions, "greedy_gain", options).probe_decisions
+    importance, steps = _probed_importance(env, seed, max_optimizer_steps, "greedy_gain", probe)
+    energy, index = env.probe_energy, [0] * len(env.modules)
+
+    def worth(slot: int) -> float:
+        rank, following = env.ladder[index[slot]], env.ladder[index[slot] + 1]
+        return importance[slot] * (energy[slot, following] - energy[slot, rank])
+
+    index = _fill(env, index, lambda fitting: max(fitting, key=worth))
+    return SearchResult("greedy_gain", _allocation(env, index), steps)
 
 
 FILL_SHARE = 0.5

@@ -100,6 +100,8 @@ METHODS: dict[str, Method] = {
                _baseline(baselines.random_search), anytime=True),
         Method("greedy", "greedy by the env's importance feature", baselines.GreedyOptions,
                _baseline(baselines.greedy), reads_importance=_always),
+        Method("greedy_gain", "greedy by importance x the share of the probe's update a ladder step adds",
+               baselines.GreedyOptions, _baseline(baselines.greedy_gain), reads_importance=_always),
         Method("greedy_iterative", "greedy re-reading the importance after each fill step, in one episode",
                baselines.NoOptions, _baseline(baselines.greedy_iterative), reads_importance=_always),
         Method("linear_depth", "ranks growing linearly with depth, filling the budget (PRILoRA-style)",

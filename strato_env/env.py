@@ -90,10 +90,10 @@ class RankAllocationEnv(gym.Env):
 
     ## Observation Space
 
-    `Dict(modules=Box(max_modules * 14), global=Box(5))`, scale-free so one policy fits any model.
+    `Dict(modules=Box(max_modules * 15), global=Box(5))`, scale-free so one policy fits any model.
     `modules` is flat (as SB3 prefers); `strato_env.observation.module_table(modules)` gives one row per module
     slot. Read columns by their names in `strato_env.observation` (`IMPORTANCE`, `DEPTH`, `KINDS`, `PRESENT`,
-    `BUDGET_USED`, ...), not by number (layout v2):
+    `BUDGET_USED`, ...), not by number (layout v3):
 
     | column (index)         | meaning                                                   | bounds  |
     |------------------------|-----------------------------------------------------------|---------|
@@ -102,11 +102,17 @@ class RankAllocationEnv(gym.Env):
     | PARAMS_PER_RANK (2)    | parameters per unit of rank / B                           | [0, 1]  |
     | GROW_COST (3)          | parameters the next ladder step adds / B (0 at r_max)     | [0, 1]  |
     | COST_AHEAD (4)         | GROW_COST summed over the more important modules, clipped | [0, 1]  |
-    | DEPTH (5)              | relative depth over every stack (layer / (layers - 1))    | [0, 1]  |
-    | KINDS (6-10)           | kind one-hot: attention in, attention out, MLP in, MLP out, other | {0, 1} |
-    | ENCODER (11)           | 1 in an encoder stack (BERT; a T5 encoder), 0 in a decoder | {0, 1} |
-    | CROSS_ATTENTION (12)   | 1 for an encoder-decoder's cross-attention (T5 `EncDecAttention`) | {0, 1} |
-    | PRESENT (13)           | present flag (0 for padding slots, whose features are all 0) | {0, 1} |
+    | GROW_SHARE (5)         | share of the probe's update the next ladder step adds (0 at r_max) | [0, 1] |
+    | DEPTH (6)              | relative depth over every stack (layer / (layers - 1))    | [0, 1]  |
+    | KINDS (7-11)           | kind one-hot: attention in, attention out, MLP in, MLP out, other | {0, 1} |
+    | ENCODER (12)           | 1 in an encoder stack (BERT; a T5 encoder), 0 in a decoder | {0, 1} |
+    | CROSS_ATTENTION (13)   | 1 for an encoder-decoder's cross-attention (T5 `EncDecAttention`) | {0, 1} |
+    | PRESENT (14)           | present flag (0 for padding slots, whose features are all 0) | {0, 1} |
+
+    GROW_SHARE reads the probe's trained rank-r_max update of the module, `U S V^T`: the share of `sum(S^2)` that
+    the singular values between its rank and its next ladder rank hold (`strato_env.importance.energy_shares`).
+    Importance x GROW_SHARE estimates what that ladder step gains. With `probe_steps=0` (no update) the shares
+    are linear in the rank.
 
     An encoder-decoder's layers are numbered over both stacks, encoder first: a 2 + 2 block T5 has depths
     0, 1/3 (encoder), 2/3 and 1 (decoder). Cross-attention q, k, v and o are attention in / out modules of
@@ -161,7 +167,7 @@ class RankAllocationEnv(gym.Env):
 
     This env is the one-episode case of `strato_env.episodes.EpisodeBatch`, which trains N episodes over one
     base model with one forward pass per optimizer step (`strato_env.engine`).
-    `gym.make_vec("strato_env/RankAllocation-v2", num_envs=N, vectorization_mode="vector_entry_point")` gives
+    `gym.make_vec("strato_env/RankAllocation-v3", num_envs=N, vectorization_mode="vector_entry_point")` gives
     `strato_env.vector.RankAllocationVecEnv`, whose sub-episode i matches this env driven with the same seed and
     actions (allocations exactly, losses to float summation order).
 
@@ -173,7 +179,7 @@ class RankAllocationEnv(gym.Env):
     ## Example
 
     >>> import gymnasium as gym, strato_env
-    >>> env = gym.make("strato_env/RankAllocation-v2", decisions=2, inner_steps=1)
+    >>> env = gym.make("strato_env/RankAllocation-v3", decisions=2, inner_steps=1)
     >>> observation, info = env.reset(seed=0)
     >>> observation["modules"].shape, info["params"]
     ((768,), 0)
@@ -304,6 +310,12 @@ class RankAllocationEnv(gym.Env):
         module alone, or `probe_steps` in all with `probe='joint'`). It is cached per instance and not counted in
         `total_optimizer_steps`."""
         return self.config.probe_optimizer_steps(len(self.modules))
+
+    @property
+    def probe_energy(self) -> np.ndarray:
+        """(modules, r_max + 1): the share of each module's probe update that rank r keeps (the GROW_SHARE column
+        reads it; `strato_env.importance.energy_shares`). Cached per instance like the probe."""
+        return self.batch.subs[0].probe_energy.copy()
 
     @property
     def decisions_made(self) -> int:

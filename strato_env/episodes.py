@@ -22,7 +22,7 @@ from strato_env import observation as obs
 from strato_env.config import EnvConfig
 from strato_env.costs import allocation_cost, cheapest_nonempty
 from strato_env.engine import BatchedLora, BatchedModel, check_width_fits, episode_bytes
-from strato_env.importance import normalized
+from strato_env.importance import energy_shares, normalized
 from strato_env.instance import Instance, fresh_model, get_instance
 from strato_env.models import MODULE_KINDS
 from strato_env.tasks.base import Batch, Loss, TaskData
@@ -151,6 +151,8 @@ class SubEpisode:
     base_gradients: np.ndarray
     """||dL/dW|| per module at the base model (the probe's first batch)."""
     probe_gains: np.ndarray
+    probe_energy: np.ndarray
+    """Per module, the share of its probe update that rank r keeps, r = 0 .. r_max (`importance.energy_shares`)."""
     rng: np.random.Generator | None = None
     generator: torch.Generator | None = None
     episode: Episode | None = None
@@ -217,8 +219,8 @@ class EpisodeBatch:
         for config, instance in zip(self.configs, instances, strict=True):
             budget = config.budget if config.budget is not None else self._default_budget(instance)
             self._check_budget(config, budget)
-            norms, gains = self._cached_probe(instance)
-            self.subs.append(SubEpisode(config, instance, budget, self._module_features(budget), norms, gains))
+            norms, gains, energy = self._cached_probe(instance)
+            self.subs.append(SubEpisode(config, instance, budget, self._module_features(budget), norms, gains, energy))
 
     @property
     def size(self) -> int:
@@ -259,48 +261,50 @@ class EpisodeBatch:
         rows = torch.as_tensor(order[step * size : (step + 1) * size], device=self.config.device)
         return {k: v[rows] for k, v in data.train.items()}
 
-    def _cached_probe(self, instance: Instance) -> tuple[np.ndarray, np.ndarray]:
-        """(||dL/dW|| at the base model, probe gain per module): depend on the instance only, so paid once.
+    def _cached_probe(self, instance: Instance) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(||dL/dW|| at the base model, probe gain, energy shares) per module: depend on the instance only, so
+        paid once.
 
         The probe (`EnvConfig.probe`) trains rank-r_max updates for `probe_steps` steps: on each module alone
         ('single', all modules at once, one episode each; a module's gain is its relative drop of the evaluation
         loss) or on every module together ('joint'; a module's gain is the relative rise of the evaluation loss
-        when its update is removed)."""
+        when its update is removed). A module's energy shares (modules x (r_max + 1)) are
+        `importance.energy_shares` of its trained update: how much of it rank r keeps."""
         c = self.config
         key = (c.protocol, c.probe, c.probe_steps)
         if key not in instance.probes:
-            data, n = instance.data, instance.data.train_size
+            data, n, modules = instance.data, instance.data.train_size, len(self.modules)
             order = np.arange(max(c.probe_steps, 1) * c.batch_size) % n
             base = self._new_lora(1)  # rank 0 everywhere, the initial heads
             initial = float(evaluate_losses(self.target, base, [data], c.batch_size)[0])
             with self.target.using(base) as model, self.target.recording_weight_gradients(1) as recorded:
                 self.loss(model, self.training_batch(data, order, 0), 1).sum().backward()  # no optimizer step
             norms = recorded[0].double().cpu().numpy()
-            gains = norms
+            gains, trained, episode_of = norms, base, [0] * modules  # no probe: rank-0 updates, linear shares
             if c.probe_steps:
                 if c.probe == "joint":
-                    joint, removed = self._removal_losses(data, order)
+                    trained, joint, removed = self._removal_losses(data, order)
                     changes = (removed - joint) / initial if initial > 0 else np.zeros_like(removed)
                 else:
                     top = self.ladder[-1]
-                    starts = [
-                        ([top if k == j else 0 for k in range(len(self.modules))], 0) for j in range(len(self.modules))
-                    ]
-                    losses = self._train_apart(data, starts, [order] * len(starts), c.probe_steps)
+                    starts = [([top if k == j else 0 for k in range(modules)], 0) for j in range(modules)]
+                    trained = self._train_together(data, starts, [order] * len(starts), c.probe_steps)
+                    losses = evaluate_losses(self.target, trained, [data] * modules, c.batch_size)
                     changes = (initial - losses) / initial if initial > 0 else np.zeros_like(losses)
+                    episode_of = list(range(modules))
                 gains = np.where(np.isfinite(changes), np.maximum(changes, 0.0), 0.0)
-            instance.probes[key] = (norms, gains)
+            energy = np.stack([
+                energy_shares(trained.B[j][k], trained.A[j][k]) for j, k in zip(range(modules), episode_of, strict=True)
+            ])  # fmt: skip
+            instance.probes[key] = (norms, gains, energy)
         return instance.probes[key]
 
-    def _removal_losses(self, data: TaskData, order: np.ndarray) -> tuple[float, np.ndarray]:
+    def _removal_losses(self, data: TaskData, order: np.ndarray) -> tuple[BatchedLora, float, np.ndarray]:
         """The joint probe: one rank-r_max update on every module, trained for `probe_steps` steps in row order
-        `order`. Returns its evaluation loss and, for each module j, the evaluation loss with module j's update
-        removed (PROBE_WIDTH removals evaluated together)."""
+        `order`. Returns it, its evaluation loss and, for each module j, the evaluation loss with module j's
+        update removed (PROBE_WIDTH removals evaluated together)."""
         c, modules = self.config, len(self.modules)
-        joint = self._new_lora(1)
-        joint.reset(0, [self.ladder[-1]] * modules, torch.Generator(c.device).manual_seed(0))
-        for step in range(c.probe_steps):
-            train_step(self.target, joint, self.loss, [self.training_batch(data, order, step)], [0])
+        joint = self._train_together(data, [([self.ladder[-1]] * modules, 0)], [order], c.probe_steps)
         trained = joint.snapshot(0)
         losses = []
         for first in range(0, modules, PROBE_WIDTH):
@@ -310,7 +314,7 @@ class EpisodeBatch:
                 lora.restore(k, trained)
                 lora.set_rank(k, module, 0)
             losses.append(evaluate_losses(self.target, lora, [data] * len(removed), c.batch_size))
-        return float(evaluate_losses(self.target, joint, [data], c.batch_size)[0]), np.concatenate(losses)
+        return joint, float(evaluate_losses(self.target, joint, [data], c.batch_size)[0]), np.concatenate(losses)
 
     def static_losses(
         self, i: int, allocations: Sequence[dict[str, int]], seeds: Sequence[int], split: str = "eval"
@@ -324,21 +328,17 @@ class EpisodeBatch:
             starts.append(([int(allocation.get(m.name, 0)) for m in self.modules], torch_seed))
             orders.append(order)
         steps = c.decisions * c.inner_steps
-        losses = self._train_apart(data, starts, orders, steps, split)
+        lora = self._train_together(data, starts, orders, steps)
+        losses = evaluate_losses(self.target, lora, [data] * len(starts), c.batch_size, split)
         self.total_optimizer_steps += steps * len(allocations)
         return [float(x) for x in losses]
 
-    def _train_apart(
-        self,
-        data: TaskData,
-        starts: Sequence[tuple[list[int], int]],
-        orders: Sequence[np.ndarray],
-        steps: int,
-        split: str = "eval",
-    ) -> np.ndarray:
+    def _train_together(
+        self, data: TaskData, starts: Sequence[tuple[list[int], int]], orders: Sequence[np.ndarray], steps: int
+    ) -> BatchedLora:
         """Episodes apart from the sub-episodes, on one instance's `data`, trained together: episode k starts at
         starts[k] = (rank per module, seed of its adapters' generator) and takes `steps` steps in row order
-        orders[k]. Returns their losses on `split`."""
+        orders[k]. Returns their adapters."""
         check_width_fits(len(starts), self._episode_bytes, torch.device(self.config.device), where="episodes")
         lora = self._new_lora(len(starts))
         for k, (ranks, seed) in enumerate(starts):
@@ -347,7 +347,7 @@ class EpisodeBatch:
         for step in range(steps):
             batches = [self.training_batch(data, order, step) for order in orders]
             train_step(self.target, lora, self.loss, batches, everyone)
-        return evaluate_losses(self.target, lora, [data] * len(starts), self.config.batch_size, split)
+        return lora
 
     def draw_episode(self, rng: np.random.Generator, data: TaskData) -> tuple[int, np.ndarray]:
         """(adapter generator seed, row order) an episode on `data` draws from `rng` as it starts."""
@@ -475,6 +475,16 @@ class EpisodeBatch:
         grow = np.array([step.get(int(r), 0) * m.params_per_rank for m, r in zip(self.modules, ranks, strict=True)])
         return np.where(self.params_of(self.ranks(i)) + grow <= self.subs[i].budget, grow, 0)
 
+    def _grow_shares(self, i: int) -> np.ndarray:
+        """Per module: the share of its probe update that its next ladder step adds in sub-episode i (0 at r_max
+        or off the ladder)."""
+        following = dict(zip(self.ladder[:-1], self.ladder[1:], strict=True))
+        energy = self.subs[i].probe_energy
+        return np.array([
+            energy[j, following[r]] - energy[j, r] if r in following else 0.0
+            for j, r in enumerate(int(r) for r in self.lora.ranks[i])
+        ])  # fmt: skip
+
     def _module_features(self, budget: int) -> np.ndarray:
         features = np.zeros((self.config.max_modules, obs.MODULE_FEATURES), np.float32)
         for i, m in enumerate(self.modules):
@@ -499,6 +509,7 @@ class EpisodeBatch:
         modules[:n, obs.GROW_COST] = np.minimum(grow, 1.0)
         order = np.argsort(-importance, kind="stable")  # most important first, ties in slot order
         modules[order, obs.COST_AHEAD] = np.minimum(np.cumsum(grow[order]) - grow[order], 1.0)
+        modules[:n, obs.GROW_SHARE] = self._grow_shares(i)
         ratio = episode.loss / episode.initial_loss if episode.initial_loss > 0 else 0.0
         global_ = np.zeros(obs.GLOBAL_FEATURES, np.float32)
         global_[obs.BUDGET_USED] = min(self.params_of(self.ranks(i)) / sub.budget, 1.0)

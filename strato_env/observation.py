@@ -11,9 +11,10 @@ from typing import Any, TypeVar
 
 from strato_env.models import MODULE_KINDS
 
-OBSERVATION_VERSION = 2
-"""v2 added GROW_COST and COST_AHEAD (what growing costs, in the order of importance) and DECISION_SHARE; v1
-added ENCODER and CROSS_ATTENTION (encoder-decoder models); v0 had neither."""
+OBSERVATION_VERSION = 3
+"""v3 added GROW_SHARE (how much of the module's probe update its next ladder step adds); v2 added GROW_COST and
+COST_AHEAD (what growing costs, in the order of importance) and DECISION_SHARE; v1 added ENCODER
+and CROSS_ATTENTION (encoder-decoder models); v0 had neither."""
 
 MODULE_COLUMNS = (
     "importance",
@@ -21,6 +22,7 @@ MODULE_COLUMNS = (
     "params_per_rank",
     "grow_cost",
     "cost_ahead",
+    "grow_share",
     "depth",
     *(f"kind_{k}" for k in MODULE_KINDS),
     "encoder",
@@ -29,10 +31,12 @@ MODULE_COLUMNS = (
 )
 """Per module slot: importance in [0, 1]; rank / r_max; parameters per unit of rank / B; the parameters its
 next ladder step adds / B (0 at r_max); the sum of that over the more important modules (ties: lower slots
-first), clipped to 1; relative depth over every stack; the kind one-hot; 1 in an encoder stack; 1 for an
-encoder-decoder's cross-attention; the present flag (0 for padding slots, whose features are all 0)."""
-IMPORTANCE, RANK, PARAMS_PER_RANK, GROW_COST, COST_AHEAD, DEPTH = range(6)
-KINDS = slice(6, 6 + len(MODULE_KINDS))
+first), clipped to 1; the share of the squared norm of the module's probe update that its next ladder step
+adds to the best approximation at its rank (0 at r_max; `strato_env.importance.energy_shares`); relative depth
+over every stack; the kind one-hot; 1 in an encoder stack; 1 for an encoder-decoder's cross-attention;
+the present flag (0 for padding slots, whose features are all 0)."""
+IMPORTANCE, RANK, PARAMS_PER_RANK, GROW_COST, COST_AHEAD, GROW_SHARE, DEPTH = range(7)
+KINDS = slice(7, 7 + len(MODULE_KINDS))
 """The kind one-hot columns, in the order of `strato_env.models.MODULE_KINDS`."""
 ENCODER, CROSS_ATTENTION, PRESENT = range(KINDS.stop, KINDS.stop + 3)
 MODULE_FEATURES = len(MODULE_COLUMNS)

@@ -30,7 +30,7 @@ class RankAllocationVecEnv(VectorEnv):
     `reset(options={"reset_mask": mask})`.
 
     >>> import gymnasium as gym, strato_env
-    >>> envs = gym.make_vec("strato_env/RankAllocation-v2", num_envs=4, vectorization_mode="vector_entry_point",
+    >>> envs = gym.make_vec("strato_env/RankAllocation-v3", num_envs=4, vectorization_mode="vector_entry_point",
     ...                     decisions=2, inner_steps=1)
     >>> observations, infos = envs.reset(seed=0)
     >>> observations["modules"].shape, envs.action_masks().shape

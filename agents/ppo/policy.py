@@ -8,8 +8,8 @@ logits come from the same head applied to [slot, context]. Padding slots can onl
 logits are masked, so they add nothing to the log-probability or the entropy. With `prior='greedy_iterative'`
 every slot also reads whether iterative greedy would grow it now (computed from the observation, as
 `agents.baselines.iterative_greedy_grows`), so the policy can learn where to depart from that rule (a residual
-on a heuristic) instead of relearning it. With `start='greedy'` the policy's episodes start from
-greedy-by-importance's allocation (the policy refines it) instead of the env's initial rank; the policy carries
+on a heuristic) instead of relearning it. With `start='greedy'` (or 'greedy_gain') the policy's episodes start
+from that baseline's allocation (the policy refines it) instead of the env's initial rank; the policy carries
 that setting, so it is applied the way it was trained. Plugged into SB3 through a policy subclass (for PPO, A2C,
 TRPO and sb3-contrib's MaskablePPO), not a fork of the algorithm.
 """
@@ -29,7 +29,7 @@ from strato_env.observation import GLOBAL_FEATURES, MODULE_FEATURES, PRESENT, mo
 
 ARCHITECTURES = ("attention", "mean")
 PRIORS = ("greedy_iterative", "none")
-STARTS = ("empty", "greedy")
+STARTS = ("empty", "greedy", "greedy_gain")
 HEADS = 4
 """Attention heads of the `attention` architecture (`hidden` must be a multiple)."""
 LAYERS = 2

@@ -65,9 +65,10 @@ class PolicyConfig:
     relearning it; 'none'."""
     start: str = "empty"
     """Where the policy's episodes start: 'empty' (the env's `initial_rank`, 0 by default: the policy grows every
-    rank) or 'greedy' (greedy-by-importance's allocation, read from the instance's probe at no optimizer step:
-    the policy refines it, and an episode that keeps every module is greedy's own static run). The saved policy
-    carries it (`run_policy_episode` starts there)."""
+    rank), 'greedy' (greedy-by-importance's allocation, read from the instance's probe at no optimizer step:
+    the policy refines it, and an episode that keeps every module is greedy's own static run) or 'greedy_gain'
+    (likewise greedy by estimated gain's, `agents.baselines.greedy_gain`). The saved policy carries it
+    (`run_policy_episode` starts there)."""
     warm_start: str = "greedy_iterative"
     """Behaviour cloning of a teacher before reinforcement learning (the critic learns the teacher's returns):
     'greedy_iterative' (the iterative greedy baseline's moves, which read only the observation: each decision
@@ -312,7 +313,8 @@ def load_policy(source: str | os.PathLike | bytes, env: gym.Env | None = None) -
 def start_allocation(start: str, env: RankAllocationEnv, seed: int = 0) -> dict[str, int] | None:
     """The allocation a policy with `start` (`PolicyConfig.start`) begins its episodes on `env` from (None: the
     env's initial rank)."""
-    return baselines.greedy(env, seed=seed).allocation if start == "greedy" else None
+    rules = {"greedy": baselines.greedy, "greedy_gain": baselines.greedy_gain}
+    return rules[start](env, seed=seed).allocation if start in rules else None
 
 
 def run_policy_episode(model: BaseAlgorithm, env: RankAllocationEnv, seed: int, deterministic: bool = True) -> dict:

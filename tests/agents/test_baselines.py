@@ -12,6 +12,7 @@ from agents.baselines import (
     AdaLoraResult,
     adalora,
     greedy,
+    greedy_gain,
     greedy_iterative,
     iterative_greedy_action,
     random_search,
@@ -148,6 +149,46 @@ def test_greedy_fills_the_budget_by_importance(env: RankAllocationEnv, counted: 
     probed = greedy(env, seed=0, probe_decisions=1, max_optimizer_steps=EPISODE)
     assert probed.optimizer_steps == env.config.inner_steps
     assert_on_ladder_within_budget(env, probed.allocation)
+
+
+def test_greedy_gain_fills_the_budget_by_importance_times_the_share_each_step_adds(
+    env: RankAllocationEnv, counted: list
+) -> None:
+    result = greedy_gain(env, seed=0)
+    assert_on_ladder_within_budget(env, result.allocation)
+    assert_maximal(env, result.allocation)
+    assert result.optimizer_steps == 0 and not counted
+    observation, _ = env.reset(seed=0)
+    importance = module_table(observation["modules"])[: len(env.modules), IMPORTANCE]
+    energy, ladder = env.probe_energy, env.ladder
+    # replay the rule: each grow taken was worth the most among the grows that fitted then
+    index = [0] * len(env.modules)
+    while True:
+        allocation = {m.name: ladder[i] for m, i in zip(env.modules, index, strict=True)}
+        fitting = [
+            j for j, m in enumerate(env.modules)
+            if index[j] + 1 < len(ladder) and env.params_of({**allocation, m.name: ladder[index[j] + 1]}) <= env.budget
+        ]  # fmt: skip
+        if not fitting:
+            break
+        worth = {j: importance[j] * (energy[j, ladder[index[j] + 1]] - energy[j, ladder[index[j]]]) for j in fitting}
+        index[max(fitting, key=worth.get)] += 1
+    assert result.allocation == {m.name: ladder[i] for m, i in zip(env.modules, index, strict=True)}
+    assert result.allocation != greedy(env, seed=0).allocation  # the shares change the choice on this instance
+
+
+@pytest.mark.slow
+def test_greedy_gain_stops_growing_modules_whose_update_is_complete_and_closes_more_of_the_gap():
+    """On a generated train instance where greedy by importance grows its top modules to r_max and leaves planted
+    ones unadapted, greedy by estimated gain spreads the budget and closes more of the uniform-to-oracle gap
+    (one seed: 0.72 against 1.06 when written)."""
+    env = RankAllocationEnv(task={"profile": "generated", "data_seed": 17})
+    by_importance, by_gain = greedy(env).allocation, greedy_gain(env).allocation
+    uniform_loss, oracle_loss, importance_loss, gain_loss = env.evaluate_allocations(
+        [uniform(env).allocation, env.oracle_allocation, by_importance, by_gain], [1] * 4
+    )
+    gap = uniform_loss - oracle_loss
+    assert (uniform_loss - gain_loss) / gap > (uniform_loss - importance_loss) / gap + 0.2
 
 
 def test_iterative_greedy_fills_the_budget_over_the_first_half_of_the_decisions_by_importance() -> None:

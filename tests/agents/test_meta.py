@@ -52,23 +52,25 @@ def test_behaviour_cloning_reproduces_the_teachers_allocations_on_the_train_set(
         assert run_policy_episode(meta.model, env, seed=0)["allocation"] == expected
 
 
-def test_a_policy_started_from_greedys_allocation_that_learned_to_keep_it_is_greedy():
-    """start='greedy': every episode (teacher's, learner's, validation's, applied) begins at greedy's allocation; a
-    policy that keeps it trains exactly greedy's static adapter, and the saved policy keeps its start."""
-    settings = PPOConfig(n_envs=2, total_timesteps=2, n_steps=1, batch_size=2, start="greedy", warm_start="greedy",
+@pytest.mark.parametrize(("start", "teacher"), [("greedy", "greedy"), ("greedy_gain", "greedy_iterative")])
+def test_a_policy_started_from_a_rules_allocation_that_learned_to_keep_it_is_that_rule(start, teacher):
+    """start='greedy' (or 'greedy_gain'): every episode (teacher's, learner's, validation's, applied) begins at that
+    rule's allocation; a policy that keeps it trains exactly the rule's static adapter, and the saved policy keeps
+    its start. (Iterative greedy keeps every module of a budget-filling allocation, so it teaches keeping too.)"""
+    settings = PPOConfig(n_envs=2, total_timesteps=2, n_steps=1, batch_size=2, start=start, warm_start=teacher,
                          warm_start_epochs=200)  # fmt: skip
     meta = meta_train("ppo", settings, TRAIN, VALIDATION, seed=0)
     assert meta.warm_start["agreement"] == 1.0  # the teacher keeps every module where it starts
     policy = load_policy(policy_bytes(meta.model))
-    assert policy.policy.start == "greedy"
+    assert policy.policy.start == start
     for config in TRAIN + VALIDATION:
         env = RankAllocationEnv(config)
-        greedy = baselines.greedy(env, seed=3).allocation
-        assert len(set(greedy.values())) > 1
+        rule = getattr(baselines, start)(env, seed=3).allocation
+        assert len(set(rule.values())) > 1
         episode = run_policy_episode(policy, env, seed=3)
-        assert episode["allocation"] == greedy
+        assert episode["allocation"] == rule
         assert all(action == [KEEP] * len(action) for action in episode["actions"])
-        assert episode["loss"] == env.evaluate_allocation(greedy, seed=3)  # greedy's own static run
+        assert episode["loss"] == env.evaluate_allocation(rule, seed=3)  # the rule's own static run
 
 
 def test_cloning_go_explores_best_episodes_reproduces_their_allocations_on_the_train_set():

@@ -143,7 +143,7 @@ def test_bad_ppo_config_names_the_field():
         PPOConfig(architecture="lstm")
     with pytest.raises(ValueError, match=r"^hidden=30 is invalid: architecture='attention' has 4 heads"):
         PPOConfig(hidden=30)
-    with pytest.raises(ValueError, match=r"^start='full' is invalid: allowed: \['empty', 'greedy'\]"):
+    with pytest.raises(ValueError, match=r"^start='full' is invalid: allowed: \['empty', 'greedy', 'greedy_gain'\]"):
         PPOConfig(start="full")
     allowed = r"allowed: \['greedy_iterative', 'greedy', 'go_explore', 'none'\]"
     with pytest.raises(ValueError, match=rf"^warm_start='bc' is invalid: {allowed}"):
@@ -256,7 +256,7 @@ def test_a_policy_saved_under_another_observation_layout_is_refused(gpt2_env, tm
             data = source.read(item)
             target.writestr(item, json.dumps({"algorithm": "maskable_ppo"}) if item == "strato.json" else data)
     (tmp_path / "v0.zip").write_bytes(old.getvalue())  # written before the layout had a version: v0
-    with pytest.raises(ValueError, match=r"v0.zip was trained on observation layout v0; this strato_env writes v2"):
+    with pytest.raises(ValueError, match=r"v0.zip was trained on observation layout v0; this strato_env writes v3"):
         load_policy(tmp_path / "v0.zip")
     old = io.BytesIO()
     with zipfile.ZipFile(io.BytesIO(policy_bytes(model))) as source, zipfile.ZipFile(old, "w") as target:

@@ -8,7 +8,7 @@ from stable_baselines3.common.env_checker import check_env as sb3_check_env
 import strato_env  # noqa: F401  (registers the env id)
 from tests.conftest import SMALL
 
-ENV_ID = "strato_env/RankAllocation-v2"
+ENV_ID = "strato_env/RankAllocation-v3"
 
 
 def _check(env: gym.Env) -> None:

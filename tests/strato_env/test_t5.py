@@ -72,7 +72,7 @@ def test_the_observation_tells_encoder_decoder_and_cross_attention_apart():
 
 
 def test_checkers_pass_on_t5_planted():
-    _check(gym.make("strato_env/RankAllocation-v2", model="t5-tiny", **SMALL))
+    _check(gym.make("strato_env/RankAllocation-v3", model="t5-tiny", **SMALL))
 
 
 def test_t5_planted_calibration():

@@ -46,7 +46,7 @@ def test_missing_data_file():
 @pytest.mark.parametrize("field", ["inner_steps", "decisions", "batch_size"])
 def test_counts_must_be_positive(field):
     with pytest.raises(ValueError, match=rf"^{field}=0 is invalid: expected an integer (>= 1|in \[1, 256\])"):
-        gym.make("strato_env/RankAllocation-v2", **{field: 0})
+        gym.make("strato_env/RankAllocation-v3", **{field: 0})
 
 
 def test_unknown_task_key_and_values():

@@ -106,7 +106,7 @@ def test_an_exported_sub_episode_reloads_with_peft_to_the_same_loss(tmp_path):
 
 def test_next_step_autoreset_and_make_vec():
     vec = gym.make_vec(
-        "strato_env/RankAllocation-v2", num_envs=2, vectorization_mode="vector_entry_point", decisions=1, inner_steps=1
+        "strato_env/RankAllocation-v3", num_envs=2, vectorization_mode="vector_entry_point", decisions=1, inner_steps=1
     )
     _, infos = vec.reset(seed=0)
     keep = np.ones(vec.action_space.shape, dtype=np.int64)
