@@ -40,8 +40,11 @@ class Instance:
     data: TaskData
     key: str
     """Identifies the instance in caches."""
-    probes: dict[tuple[TrainingProtocol, str, int], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
-    """(protocol, probe, probe_steps) -> (||dL/dW|| at the base model, probe gain) per module, measured once."""
+    probes: dict[tuple[TrainingProtocol, str, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = field(
+        default_factory=dict
+    )
+    """(protocol, probe, probe_steps) -> (||dL/dW|| at the base model, probe gain, energy shares of the probe's
+    update at ranks 0 .. r_max) per module, measured once."""
     static_losses: dict[tuple[TrainingProtocol, tuple[int, ...], int], float] = field(default_factory=dict)
     """(protocol, rank per module, seed) -> final loss of that allocation kept for one episode (oracle, uniform)."""
 
