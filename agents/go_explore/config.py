@@ -24,10 +24,13 @@ class GoExploreConfig:
     rule's own episode and explores around it. That rule only grows, so 'prior' never returns to a state where no
     grow fits the budget (the exploration would replay its episode)."""
     greedy_episode: bool = False
-    """Also train greedy-by-importance's allocation (read from the same probe, no search) for one episode, as
-    the search's second exploration, and keep its result as a candidate: the search then returns the better, on
+    """Also train the allocation of `greedy_rule` (read from the same probe, no search) for one episode, as the
+    search's second exploration, and keep its result as a candidate: the search then returns the better, on
     validation data, of it and what it found (with moves='prior', iterative greedy's own episode is the first
     exploration). Its trajectory starts from that allocation (`SearchResult.start`)."""
+    greedy_rule: str = "greedy"
+    """The rule of the greedy episode: 'greedy' (by importance, `agents.baselines.greedy`) or 'greedy_gain' (by
+    estimated gain, `agents.baselines.greedy_gain`); both read the same probe."""
     prior_noise: float = 0.1
     """moves='prior': standard deviation of the Gaussian noise added to each module's importance (in [0, 1])."""
     importance_guided: bool = True
@@ -59,6 +62,7 @@ class GoExploreConfig:
         check_number("keep_probability", self.keep_probability, 0, 1)
         check_bool("importance_guided", self.importance_guided)
         check_bool("greedy_episode", self.greedy_episode)
+        check_choice("greedy_rule", self.greedy_rule, ("greedy", "greedy_gain"))
         check_choice("moves", self.moves, ("modules", "groups", "prior"))
         check_number("prior_noise", self.prior_noise, 0)
         check_int("groups_per_step", self.groups_per_step, 1)

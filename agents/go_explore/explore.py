@@ -10,7 +10,7 @@ from typing import Any, Protocol
 import gymnasium as gym
 import numpy as np
 
-from agents.baselines import greedy, iterative_greedy_action
+from agents.baselines import greedy, greedy_gain, iterative_greedy_action
 from agents.go_explore.archive import Archive, CellEntry
 from agents.go_explore.cells import CellFunction, DepthProfileCell
 from agents.go_explore.config import GoExploreConfig
@@ -211,8 +211,9 @@ class GoExplore:
         return bool(np.any((costs > 0) & (global_[BUDGET_USED] + costs <= 1 + 1e-6)))
 
     def _greedy_start(self, base: Any, seed: int) -> CellEntry:
-        """The state `reset(seed)` gives with greedy-by-importance's allocation, outside the archive."""
-        allocation = greedy(base, seed=seed).allocation
+        """The state `reset(seed)` gives with the allocation of `greedy_rule`, outside the archive."""
+        rule = greedy_gain if self.config.greedy_rule == "greedy_gain" else greedy
+        allocation = rule(base, seed=seed).allocation
         observation, info = base.reset(seed=seed, options={"allocation": allocation})
         return self._entry(base, observation, info, [], finished=False, start=allocation)
 
@@ -273,7 +274,7 @@ class _Exploration:
     noise: np.ndarray | None = None
     """This exploration's noise on the importance (moves='prior')."""
     fixed: bool = False
-    """Keeps every rank to the episode's end (greedy's episode, `greedy_episode`, whatever `explore_steps`); only its
+    """Keeps every rank to the episode's end (the greedy episode, `greedy_episode`, whatever `explore_steps`); only its
     final state enters the archive."""
     taken: int = 0
     done: bool = False

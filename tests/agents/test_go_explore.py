@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agents.baselines import greedy, greedy_iterative
+from agents.baselines import greedy, greedy_gain, greedy_iterative
 from agents.go_explore import (
     Archive,
     CellEntry,
@@ -313,9 +313,12 @@ def test_prior_exploration_never_returns_to_a_state_where_no_grow_fits() -> None
     assert len(sources) > 1 and all(room_to_grow(allocation) for allocation in sources)
 
 
-@pytest.mark.parametrize(("parallel", "explore_steps"), [(1, None), (2, None), (1, 2)])
-def test_greedy_episode_is_a_candidate_that_replays_from_its_start(parallel: int, explore_steps: int | None) -> None:
-    """With `greedy_episode`, the second exploration keeps greedy-by-importance's allocation for a whole episode
+@pytest.mark.parametrize(
+    ("parallel", "explore_steps", "rule"),
+    [(1, None, greedy), (2, None, greedy), (1, 2, greedy), (1, None, greedy_gain)],
+)
+def test_greedy_episode_is_a_candidate_that_replays_from_its_start(parallel, explore_steps, rule) -> None:
+    """With `greedy_episode`, the second exploration keeps the allocation of `greedy_rule` for a whole episode
     from reset (whatever `explore_steps`): its result enters the archive (finished, starting from that
     allocation), replays on the lone env, and the search returns the better of it and iterative greedy's own
     episode."""
@@ -323,11 +326,11 @@ def test_greedy_episode_is_a_candidate_that_replays_from_its_start(parallel: int
     episode = env.config.decisions * env.config.inner_steps
     config = GoExploreConfig(
         max_optimizer_steps=2 * episode, explore_steps=explore_steps, moves="prior", greedy_episode=True,
-        parallel=parallel,
+        greedy_rule=rule.__name__, parallel=parallel,
     )  # fmt: skip
     agent = GoExplore(config)
     result = agent.run(env, seed=SEED)
-    allocation = greedy(env, seed=SEED).allocation
+    allocation = rule(env, seed=SEED).allocation
     assert allocation != greedy_iterative(env, seed=SEED).allocation  # two different candidates on this instance
     [entry] = [e for e in agent.archive if e.start]
     assert entry.finished and entry.start == entry.allocation == allocation
@@ -356,6 +359,7 @@ def test_a_version_1_archive_loads_with_no_start(tmp_path: Any) -> None:
     [
         ("max_optimizer_steps", 0),
         ("greedy_episode", 1),
+        ("greedy_rule", "gain"),
         ("prior_noise", -0.1),
         ("explore_steps", 0),
         ("keep_probability", 1.5),
