@@ -166,6 +166,9 @@ def test_a_run_interrupted_mid_training_stays_marked_unfinished_with_the_reason(
         env=os.environ | {"OMP_NUM_THREADS": "1"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        # as in a terminal: a suite started in the background (`pytest &`) passes SIGINT on ignored, and Python
+        # keeps an inherited SIG_IGN, so the child would never see the Ctrl-C
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.time() + 120
     while time.time() < deadline and not list((run / "tensorboard").glob("*/events.*")):  # training has started
