@@ -332,6 +332,7 @@ def test_greedy_episode_is_a_candidate_that_replays_from_its_start(parallel, exp
     result = agent.run(env, seed=SEED)
     allocation = rule(env, seed=SEED).allocation
     assert allocation != greedy_iterative(env, seed=SEED).allocation  # two different candidates on this instance
+    assert rule is greedy or allocation != greedy(env, seed=SEED).allocation  # greedy_rule is honoured
     [entry] = [e for e in agent.archive if e.start]
     assert entry.finished and entry.start == entry.allocation == allocation
     assert entry.trajectory == [[KEEP] * env.config.max_modules] * env.config.decisions
