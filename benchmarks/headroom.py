@@ -1,11 +1,12 @@
 """Headroom above greedy_gain on generated planted instances: what a better allocation could still gain there.
 
-For each instance (one per family and generator seed), greedy and greedy_gain allocate from the importance
-probe, and a hill climb starts from greedy_gain's allocation: each round trains `--neighbours` random one-step
-moves (one module a ladder step down, another one up, within the budget) together on the batched engine and
-moves to the best of them if it lowers the validation loss. Every allocation is then scored on the instance's
-held-out test set as gap closed, uniform LoRA 0 and the planted oracle 1 (above 1: better than the oracle).
-It also counts, per module kind, how often greedy_gain's rank is below or above the planted one.
+For each instance (one per family and generator seed), greedy and greedy_gain allocate from the importance probe,
+and a hill climb starts from greedy_gain's allocation: each round trains `--neighbours` random one-step moves (one
+module a ladder step down, another one up, within the budget) together on the batched engine and moves to the best
+of them if it lowers the validation loss (training seed 0). Every allocation is then retrained from another seed
+and scored on the instance's held-out test set as gap closed, uniform LoRA 0 and the planted oracle 1 (above 1:
+better than the oracle). It also counts, per module kind, how often greedy_gain's rank is below or above the
+planted one.
 
     python benchmarks/headroom.py --seeds 1000-1003 --models gpt2-tiny llama-tiny bert-tiny
 
@@ -23,9 +24,13 @@ from planted_calibration import seed_range
 from tqdm.auto import tqdm
 
 from agents import baselines
-from agents.evaluation import paired_bootstrap, uniform_allocation
+from agents.evaluation import gap_closed, paired_bootstrap, uniform_allocation
 from strato_env.engine import keep_freed_memory
 from strato_env.env import RankAllocationEnv
+
+SCORE_SEED = 1
+"""Training seed of the runs scored on the test sets; the climb selects on seed 0's runs, so a lucky seed-0 run
+is not scored again."""
 
 
 def neighbours(env: RankAllocationEnv, allocation: dict[str, int], count: int, rng: np.random.Generator):
@@ -83,9 +88,9 @@ def main() -> None:
             "greedy_gain": gain,
             "climbed": climb(env, gain, args.rounds, args.neighbours, seed),
         }
-        losses = env.evaluate_allocations(list(allocations.values()), [0] * len(allocations), "test")
+        losses = env.evaluate_allocations(list(allocations.values()), [SCORE_SEED] * len(allocations), "test")
         test = dict(zip(allocations, losses, strict=True))
-        gap = {k: (test["uniform"] - test[k]) / (test["uniform"] - test["oracle"]) for k in methods}
+        gap = {k: gap_closed(test[k], test["uniform"], test["oracle"]) for k in methods}
         moved = sum(allocations["climbed"][m.name] != gain[m.name] for m in env.modules)
         rows.append((model, seed, gap, moved))
         for m in env.modules:
